@@ -1,1 +1,21 @@
+//! virtio-blk for hvisor-vhost.
+//!
+//! [`BlkBackend`] implements `vhost_user_backend::VhostUserBackend` and knows nothing of the
+//! transport that drives it: the vhost-user daemon and the hvisor ring both run it unchanged.
+//!
+//! Layers, from the wire down:
+//! - [`backend`]: queues, notifications, worker threads, config space;
+//! - [`queue`]: descriptor chains to validated requests;
+//! - [`device`]: request semantics (ranges, read-only, flush, discard) over a [`Storage`];
+//! - [`storage`]: image files, block devices and in-memory disks.
 
+pub mod backend;
+pub mod config;
+pub mod device;
+pub mod queue;
+pub mod storage;
+pub mod virtio_blk;
+
+pub use backend::{BlkBackend, BlkError};
+pub use config::{Backing, BlkConfig, ConfigError};
+pub use storage::{FileStorage, Storage};

@@ -1,0 +1,854 @@
+//! Queue-path tests: real `VringRwLock`s over `MockSplitQueue` rings, driven through
+//! `handle_event` exactly as a transport's worker thread does.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
+
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, Le32, Le64};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::BlkBackend;
+use crate::config::BlkConfig;
+use crate::device::tests::FaultyStorage;
+use crate::virtio_blk::*;
+
+const QUEUE_SIZE: u16 = 16;
+const MEMORY_SIZE: u64 = 0x10_0000;
+const DISK_SIZE: u64 = 1 << 20;
+const HEADER: u64 = 0x1_0000;
+const DATA: u64 = 0x2_0000;
+const STATUS: u64 = 0x3_0000;
+const INDIRECT_TABLE: u64 = 0x4_0000;
+const STATUS_UNTOUCHED: u8 = 0xff;
+
+/// One direction and placement of a descriptor buffer.
+#[derive(Clone, Copy)]
+struct Buffer {
+    addr: u64,
+    len: u32,
+    writable: bool,
+}
+
+fn readable(addr: u64, len: u32) -> Buffer {
+    Buffer {
+        addr,
+        len,
+        writable: false,
+    }
+}
+
+fn writable(addr: u64, len: u32) -> Buffer {
+    Buffer {
+        addr,
+        len,
+        writable: true,
+    }
+}
+
+fn raw(buffer: Buffer, flags: u32, next: u16) -> RawDescriptor {
+    let direction = if buffer.writable {
+        VRING_DESC_F_WRITE
+    } else {
+        0
+    };
+    RawDescriptor::from(SplitDescriptor::new(
+        buffer.addr,
+        buffer.len,
+        (direction | flags) as u16,
+        next,
+    ))
+}
+
+/// A test rig: guest memory, one or more queues, and the backend under test.
+struct Rig {
+    /// Leaked so the rings below can borrow it for the whole test.
+    mem: &'static GuestMemoryMmap,
+    queues: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
+    backend: BlkBackend<FaultyStorage>,
+    vrings: Vec<VringRwLock>,
+    calls: Vec<EventFd>,
+    /// Next free descriptor index per queue.
+    next_desc: Vec<u16>,
+}
+
+impl Rig {
+    fn new(config: BlkConfig, event_idx: bool) -> Self {
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap(),
+        ));
+        let backend = BlkBackend::with_storage(FaultyStorage::new(DISK_SIZE), &config).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mut vrings = Vec::new();
+        let mut calls = Vec::new();
+        let mut queues = Vec::new();
+        for queue in 0..config.num_queues {
+            let rings =
+                MockSplitQueue::create(mem, GuestAddress(u64::from(queue) * 0x1000), QUEUE_SIZE);
+            let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+            vring.set_queue_size(QUEUE_SIZE);
+            vring
+                .set_queue_info(
+                    rings.desc_table_addr().0,
+                    rings.avail_addr().0,
+                    rings.used_addr().0,
+                )
+                .unwrap();
+            vring.set_queue_event_idx(event_idx);
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            let call = EventFd::new(EFD_NONBLOCK).unwrap();
+            // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
+            let call_file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+            vring.set_call(Some(call_file));
+            vrings.push(vring);
+            calls.push(call);
+            queues.push(rings);
+        }
+        backend.update_memory(atomic).unwrap();
+        backend.set_event_idx(event_idx);
+        let next_desc = vec![0; vrings.len()];
+        Rig {
+            mem,
+            queues,
+            backend,
+            vrings,
+            calls,
+            next_desc,
+        }
+    }
+
+    fn default(event_idx: bool) -> Self {
+        Self::new(BlkConfig::memory(DISK_SIZE), event_idx)
+    }
+
+    fn rings(&self, queue: usize) -> &MockSplitQueue<'static, GuestMemoryMmap> {
+        &self.queues[queue]
+    }
+
+    /// Publishes a chain of `buffers` (NEXT links filled in) on `queue`; returns its head.
+    fn add_chain(&mut self, queue: usize, buffers: &[Buffer]) -> u16 {
+        let first = self.next_index(queue, buffers.len());
+        let descriptors: Vec<RawDescriptor> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, buffer)| {
+                let index = first + i as u16;
+                if i + 1 < buffers.len() {
+                    raw(*buffer, VRING_DESC_F_NEXT, index + 1)
+                } else {
+                    raw(*buffer, 0, 0)
+                }
+            })
+            .collect();
+        self.publish(queue, &descriptors)
+    }
+
+    /// Where the next chain of `count` descriptors goes: tests reuse the table from the start
+    /// once it is full, since every earlier chain has been served by then.
+    fn next_index(&self, queue: usize, count: usize) -> u16 {
+        let first = self.next_desc[queue];
+        if usize::from(first) + count > usize::from(QUEUE_SIZE) {
+            0
+        } else {
+            first
+        }
+    }
+
+    /// Publishes descriptors exactly as given (for malformed chains) at the index
+    /// `next_index` returned; returns the head.
+    fn publish(&mut self, queue: usize, descriptors: &[RawDescriptor]) -> u16 {
+        let first = self.next_index(queue, descriptors.len());
+        self.rings(queue).add_desc_chains(descriptors, first).unwrap();
+        self.next_desc[queue] = first + descriptors.len() as u16;
+        first
+    }
+
+    fn kick(&self, queue: usize) {
+        self.backend
+            .handle_event(0, EventSet::IN, &self.vrings[queue..=queue], queue)
+            .unwrap();
+    }
+
+    /// The used-ring entry at `position` of `queue`: (descriptor head, used length).
+    fn used(&self, queue: usize, position: u16) -> (u32, u32) {
+        let rings = self.rings(queue);
+        let element = rings
+            .used()
+            .ring()
+            .ref_at(position as usize)
+            .unwrap()
+            .load();
+        (element.id(), element.len())
+    }
+
+    fn used_idx(&self, queue: usize) -> u16 {
+        self.rings(queue).used().idx().load()
+    }
+
+    fn header(&self, request_type: u32, sector: u64) {
+        let header = RequestHeader {
+            request_type: Le32::from(request_type),
+            reserved: Le32::from(0),
+            sector: Le64::from(sector),
+        };
+        self.mem.write_obj(header, GuestAddress(HEADER)).unwrap();
+        self.mem
+            .write_obj(STATUS_UNTOUCHED, GuestAddress(STATUS))
+            .unwrap();
+    }
+
+    fn status(&self) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn fill(&self, addr: u64, len: usize, byte: u8) {
+        self.mem
+            .write_slice(&vec![byte; len], GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem.read_slice(&mut out, GuestAddress(addr)).unwrap();
+        out
+    }
+
+    fn disk(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; len];
+        disk_file(&self.backend)
+            .read_exact_at(&mut out, offset)
+            .unwrap();
+        out
+    }
+
+    /// Runs one request on queue 0 and returns (status, used length).
+    fn request(&mut self, request_type: u32, sector: u64, buffers: &[Buffer]) -> (u8, u32) {
+        self.header(request_type, sector);
+        let head = self.add_chain(0, buffers);
+        let before = self.used_idx(0);
+        self.kick(0);
+        assert_eq!(
+            self.used_idx(0),
+            before.wrapping_add(1),
+            "request was not returned"
+        );
+        let (id, len) = self.used(0, before % QUEUE_SIZE);
+        assert_eq!(id, u32::from(head));
+        (self.status(), len)
+    }
+}
+
+fn disk_file(backend: &BlkBackend<FaultyStorage>) -> &File {
+    backend.device().storage().inner.file()
+}
+
+fn ok() -> u8 {
+    VIRTIO_BLK_S_OK as u8
+}
+
+fn ioerr() -> u8 {
+    VIRTIO_BLK_S_IOERR as u8
+}
+
+fn status_buffer() -> Buffer {
+    writable(STATUS, 1)
+}
+
+fn write_then_read_round_trips(event_idx: bool) {
+    let mut rig = Rig::default(event_idx);
+    rig.fill(DATA, 4096, 0x42);
+    rig.fill(DATA + 4096, 4096, 0x43);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_OUT,
+        8,
+        &[
+            readable(HEADER, 16),
+            readable(DATA, 4096),
+            readable(DATA + 4096, 4096),
+            status_buffer(),
+        ],
+    );
+    assert_eq!((status, len), (ok(), 1));
+    assert!(rig.disk(4096, 4096).iter().all(|&b| b == 0x42));
+    assert!(rig.disk(8192, 4096).iter().all(|&b| b == 0x43));
+
+    rig.fill(DATA, 8192, 0);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_IN,
+        8,
+        &[
+            readable(HEADER, 16),
+            writable(DATA, 1000),
+            writable(DATA + 1000, 7192),
+            status_buffer(),
+        ],
+    );
+    assert_eq!((status, len), (ok(), 8193));
+    assert!(rig.bytes(DATA, 4096).iter().all(|&b| b == 0x42));
+    assert!(rig.bytes(DATA + 4096, 4096).iter().all(|&b| b == 0x43));
+    let signals = rig.calls[0].read().unwrap();
+    assert!(signals >= 1, "the driver was not notified");
+}
+
+#[test]
+fn write_then_read_without_event_idx() {
+    write_then_read_round_trips(false);
+}
+
+#[test]
+fn write_then_read_with_event_idx() {
+    write_then_read_round_trips(true);
+}
+
+#[test]
+fn header_and_status_may_share_descriptors_with_data() {
+    let mut rig = Rig::default(false);
+    rig.fill(DATA, 512, 0x77);
+    rig.request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    // Header split over two descriptors; data and status in one writable buffer.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    rig.fill(DATA + 0x1000, 513, 0);
+    rig.add_chain(
+        0,
+        &[
+            readable(HEADER, 8),
+            readable(HEADER + 8, 8),
+            writable(DATA + 0x1000, 513),
+        ],
+    );
+    rig.kick(0);
+    assert_eq!(rig.used(0, 1).1, 513);
+    assert!(rig.bytes(DATA + 0x1000, 512).iter().all(|&b| b == 0x77));
+    assert_eq!(rig.bytes(DATA + 0x1000 + 512, 1)[0], ok());
+}
+
+#[test]
+fn indirect_chains_are_followed() {
+    let mut rig = Rig::default(false);
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    let table = [
+        raw(readable(HEADER, 16), VRING_DESC_F_NEXT, 1),
+        raw(writable(DATA, 512), VRING_DESC_F_NEXT, 2),
+        raw(status_buffer(), 0, 0),
+    ];
+    for (i, descriptor) in table.iter().enumerate() {
+        rig.mem
+            .write_obj(*descriptor, GuestAddress(INDIRECT_TABLE + 16 * i as u64))
+            .unwrap();
+    }
+    let head = RawDescriptor::from(SplitDescriptor::new(
+        INDIRECT_TABLE,
+        48,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    ));
+    rig.publish(0, &[head]);
+    rig.kick(0);
+    assert_eq!(rig.used(0, 0).1, 513);
+    assert_eq!(rig.status(), ok());
+}
+
+#[test]
+fn flush_get_id_and_unknown_types() {
+    let config = BlkConfig {
+        serial: "serial-0123456789abc".into(),
+        ..BlkConfig::memory(DISK_SIZE)
+    };
+    let mut rig = Rig::new(config, false);
+    assert_eq!(
+        rig.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()]
+        ),
+        (ok(), 1)
+    );
+    assert_eq!(
+        rig.backend
+            .device()
+            .storage()
+            .flushes
+            .load(Ordering::Relaxed),
+        1
+    );
+
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[readable(HEADER, 16), writable(DATA, 20), status_buffer()],
+    );
+    assert_eq!((status, len), (ok(), 21));
+    assert_eq!(rig.bytes(DATA, 20), b"serial-0123456789abc");
+
+    rig.fill(DATA, 20, 0xaa);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[readable(HEADER, 16), writable(DATA, 6), status_buffer()],
+    );
+    assert_eq!((status, len), (ok(), 7));
+    assert_eq!(rig.bytes(DATA, 7), b"serial\xaa");
+
+    let (status, len) = rig.request(99, 0, &[readable(HEADER, 16), status_buffer()]);
+    assert_eq!((status, len), (VIRTIO_BLK_S_UNSUPP as u8, 1));
+}
+
+fn range_segment(rig: &Rig, at: u64, sector: u64, sectors: u32, flags: u32) {
+    let segment = DiscardWriteZeroesSegment {
+        sector: Le64::from(sector),
+        num_sectors: Le32::from(sectors),
+        flags: Le32::from(flags),
+    };
+    rig.mem.write_obj(segment, GuestAddress(at)).unwrap();
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_ranges() {
+    let mut rig = Rig::default(false);
+    rig.fill(DATA, 8192, 0x99);
+    rig.request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 8192), status_buffer()],
+    );
+
+    range_segment(&rig, DATA, 0, 2, 0);
+    range_segment(&rig, DATA + 16, 4, 1, 0);
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 32), status_buffer()],
+    );
+    assert_eq!(status, ok());
+    range_segment(&rig, DATA, 8, 2, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 16), status_buffer()],
+    );
+    assert_eq!(status, ok());
+    let disk = rig.disk(0, 8192);
+    let zeroed = |sector: usize| {
+        disk[sector * 512..(sector + 1) * 512]
+            .iter()
+            .all(|&b| b == 0)
+    };
+    let expected = [
+        true, true, false, false, true, false, false, false, true, true, false,
+    ];
+    for (sector, zero) in expected.iter().enumerate() {
+        assert_eq!(zeroed(sector), *zero, "sector {sector}");
+    }
+
+    // A range list that is not whole 16-byte segments, and a discard with the unmap flag.
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 20), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+    range_segment(&rig, DATA, 0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_DISCARD,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 16), status_buffer()],
+    );
+    assert_eq!(status, VIRTIO_BLK_S_UNSUPP as u8);
+}
+
+#[test]
+fn out_of_range_and_overflowing_sectors_get_ioerr() {
+    let mut rig = Rig::default(false);
+    let sectors = DISK_SIZE / 512;
+    for sector in [sectors, sectors - 1, u64::MAX, u64::MAX / 512] {
+        let (status, len) = rig.request(
+            VIRTIO_BLK_T_IN,
+            sector,
+            &[readable(HEADER, 16), writable(DATA, 1024), status_buffer()],
+        );
+        assert_eq!((status, len), (ioerr(), 1), "sector {sector}");
+    }
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_OUT,
+        sectors,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+}
+
+#[test]
+fn malformed_requests_get_ioerr() {
+    let mut rig = Rig::default(false);
+    // Header missing or short.
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, &[status_buffer()]).0,
+        ioerr()
+    );
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, &[readable(HEADER, 8), status_buffer()])
+            .0,
+        ioerr()
+    );
+    // Data on the wrong side.
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[readable(HEADER, 16), writable(DATA, 512), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+    // A data buffer outside guest memory, and one straddling its end.
+    for (addr, len) in [(MEMORY_SIZE + 0x1000, 512), (MEMORY_SIZE - 256, 512)] {
+        let (status, _) = rig.request(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[readable(HEADER, 16), writable(addr, len), status_buffer()],
+        );
+        assert_eq!(status, ioerr(), "buffer at {addr:#x}");
+    }
+    // Data not a whole number of sectors.
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[readable(HEADER, 16), writable(DATA, 100), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+    assert_eq!(rig.used_idx(0), 7, "every malformed request was answered");
+}
+
+#[test]
+fn storage_failures_get_ioerr() {
+    let mut rig = Rig::default(false);
+    rig.backend
+        .device()
+        .storage()
+        .fail
+        .store(true, Ordering::Relaxed);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[readable(HEADER, 16), writable(DATA, 512), status_buffer()],
+    );
+    assert_eq!((status, len), (ioerr(), 1));
+    assert_eq!(
+        rig.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()]
+        )
+        .0,
+        ioerr()
+    );
+}
+
+/// Chains that leave no place for a status byte are returned with length 0 and the status
+/// location is never written.
+#[test]
+fn unanswerable_chains_are_dropped_without_writing() {
+    let mut rig = Rig::default(false);
+    let cases: Vec<(&str, Vec<RawDescriptor>)> = vec![
+        ("no writable byte", vec![raw(readable(HEADER, 16), 0, 0)]),
+        (
+            "status not device-writable",
+            vec![
+                raw(readable(HEADER, 16), VRING_DESC_F_NEXT, 1),
+                raw(readable(STATUS, 1), 0, 0),
+            ],
+        ),
+        ("zero-length chain", vec![raw(writable(STATUS, 0), 0, 0)]),
+        (
+            "status outside memory",
+            vec![
+                raw(readable(HEADER, 16), VRING_DESC_F_NEXT, 1),
+                raw(writable(MEMORY_SIZE + 8, 1), 0, 0),
+            ],
+        ),
+        (
+            "readable after writable",
+            vec![
+                raw(readable(HEADER, 16), VRING_DESC_F_NEXT, 1),
+                raw(writable(STATUS, 1), VRING_DESC_F_NEXT, 2),
+                raw(readable(DATA, 16), 0, 0),
+            ],
+        ),
+    ];
+    for (name, descriptors) in cases {
+        rig.header(VIRTIO_BLK_T_IN, 0);
+        // Descriptor indices inside each case are relative; rebase the NEXT links.
+        let base = rig.next_index(0, descriptors.len());
+        let rebased: Vec<RawDescriptor> = descriptors
+            .iter()
+            .map(|d| {
+                let d = SplitDescriptor::from(*d);
+                RawDescriptor::from(SplitDescriptor::new(
+                    d.addr().0,
+                    d.len(),
+                    d.flags(),
+                    d.next() + base,
+                ))
+            })
+            .collect();
+        let head = rig.publish(0, &rebased);
+        let position = rig.used_idx(0);
+        rig.kick(0);
+        assert_eq!(rig.used_idx(0), position + 1, "{name}: not returned");
+        assert_eq!(rig.used(0, position), (u32::from(head), 0), "{name}");
+        assert_eq!(rig.status(), STATUS_UNTOUCHED, "{name}");
+    }
+}
+
+#[test]
+fn descriptor_loops_and_bad_next_indices_are_dropped() {
+    let mut rig = Rig::default(false);
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    // Two descriptors pointing at each other, then one pointing past the table.
+    rig.publish(
+        0,
+        &[
+            raw(readable(HEADER, 16), VRING_DESC_F_NEXT, 1),
+            raw(status_buffer(), VRING_DESC_F_NEXT, 0),
+        ],
+    );
+    rig.publish(
+        0,
+        &[raw(readable(HEADER, 16), VRING_DESC_F_NEXT, QUEUE_SIZE + 5)],
+    );
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 2);
+    assert_eq!(rig.used(0, 0).1, 0);
+    assert_eq!(rig.used(0, 1).1, 0);
+    assert_eq!(rig.status(), STATUS_UNTOUCHED);
+    // The queue keeps working afterwards.
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_FLUSH,
+        0,
+        &[readable(HEADER, 16), status_buffer()],
+    );
+    assert_eq!(status, ok());
+}
+
+#[test]
+fn nested_indirect_tables_are_dropped() {
+    let mut rig = Rig::default(false);
+    let inner = raw(readable(INDIRECT_TABLE, 16), VRING_DESC_F_INDIRECT, 0);
+    rig.mem
+        .write_obj(inner, GuestAddress(INDIRECT_TABLE))
+        .unwrap();
+    let head = RawDescriptor::from(SplitDescriptor::new(
+        INDIRECT_TABLE,
+        16,
+        VRING_DESC_F_INDIRECT as u16,
+        0,
+    ));
+    rig.publish(0, &[head]);
+    rig.kick(0);
+    assert_eq!(rig.used(0, 0), (0, 0));
+}
+
+#[test]
+fn readonly_disks_refuse_writes_and_offer_ro() {
+    let config = BlkConfig {
+        readonly: true,
+        ..BlkConfig::memory(DISK_SIZE)
+    };
+    let mut rig = Rig::new(config, false);
+    assert_ne!(rig.backend.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    rig.fill(DATA, 512, 0x11);
+    let (status, _) = rig.request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    assert_eq!(status, ioerr());
+    assert!(rig.disk(0, 512).iter().all(|&b| b == 0));
+    range_segment(&rig, DATA, 0, 1, 0);
+    for request_type in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        let (status, _) = rig.request(
+            request_type,
+            0,
+            &[readable(HEADER, 16), readable(DATA, 16), status_buffer()],
+        );
+        assert_eq!(status, ioerr());
+    }
+}
+
+#[test]
+fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
+    let mut rig = Rig::default(true);
+    // used_event sits after the avail ring entries; ask to be notified only at entry 5.
+    let used_event = rig.rings(0).avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
+    rig.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
+    rig.request(
+        VIRTIO_BLK_T_FLUSH,
+        0,
+        &[readable(HEADER, 16), status_buffer()],
+    );
+    assert!(
+        rig.calls[0].read().is_err(),
+        "notified although used_event was 5"
+    );
+    // The device publishes avail_event so the driver knows to kick for the next request.
+    let avail_event = rig.rings(0).used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+    assert_eq!(
+        rig.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(),
+        1
+    );
+    for _ in 0..5 {
+        rig.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()],
+        );
+    }
+    assert_eq!(
+        rig.calls[0].read().unwrap(),
+        1,
+        "notified once, when used_idx passed 5"
+    );
+}
+
+#[test]
+fn batches_are_served_and_signalled_once() {
+    let mut rig = Rig::default(false);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    for _ in 0..4 {
+        rig.add_chain(0, &[readable(HEADER, 16), status_buffer()]);
+    }
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 4);
+    assert_eq!(rig.calls[0].read().unwrap(), 1);
+}
+
+#[test]
+fn each_queue_has_its_own_thread_and_ring() {
+    let config = BlkConfig {
+        num_queues: 2,
+        ..BlkConfig::memory(DISK_SIZE)
+    };
+    let mut rig = Rig::new(config, false);
+    assert_eq!(rig.backend.queues_per_thread(), vec![0b01, 0b10]);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    rig.add_chain(1, &[readable(HEADER, 16), status_buffer()]);
+    rig.kick(1);
+    assert_eq!(rig.used_idx(1), 1);
+    assert_eq!(rig.used_idx(0), 0);
+    assert!(rig.backend.exit_event(1).is_some());
+    assert!(rig.backend.exit_event(2).is_none());
+}
+
+#[test]
+fn unexpected_events_are_ignored_without_stopping_the_worker() {
+    let mut rig = Rig::default(false);
+    let vrings = &rig.vrings[..];
+    assert!(
+        rig.backend
+            .handle_event(0, EventSet::OUT, vrings, 0)
+            .is_ok()
+    );
+    assert!(rig.backend.handle_event(7, EventSet::IN, vrings, 0).is_ok());
+    assert!(rig.backend.handle_event(0, EventSet::IN, vrings, 9).is_ok());
+    assert_eq!(
+        rig.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()]
+        )
+        .0,
+        ok()
+    );
+}
+
+#[test]
+fn config_space_reads_honour_offset_and_size() {
+    let rig = Rig::new(
+        BlkConfig {
+            num_queues: 3,
+            ..BlkConfig::memory(DISK_SIZE)
+        },
+        false,
+    );
+    let full = rig.backend.get_config(0, 64);
+    assert_eq!(full.len(), 64);
+    let mut config = VirtioBlkConfig::default();
+    config.as_mut_slice().copy_from_slice(&full);
+    assert_eq!(config.capacity.to_native(), DISK_SIZE / 512);
+    assert_eq!(config.num_queues.to_native(), 3);
+    assert_eq!(
+        config.seg_max.to_native(),
+        u32::from(rig.backend.max_queue_size() as u16) - 2
+    );
+    assert_eq!(rig.backend.get_config(34, 2), vec![3, 0]);
+    assert_eq!(
+        rig.backend.get_config(0, 8),
+        (DISK_SIZE / 512).to_le_bytes()
+    );
+    assert_eq!(
+        rig.backend.get_config(62, 4),
+        vec![0; 4],
+        "past the end reads as zero"
+    );
+    assert_eq!(rig.backend.get_config(1000, 2), vec![0; 2]);
+}
+
+#[test]
+fn only_the_writeback_byte_is_writable() {
+    let rig = Rig::default(false);
+    rig.backend
+        .set_config(CONFIG_WRITEBACK_OFFSET as u32, &[0])
+        .unwrap();
+    assert_eq!(
+        rig.backend.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1),
+        vec![0]
+    );
+    assert!(rig.backend.set_config(0, &[1, 2, 3, 4]).is_err());
+    assert!(
+        rig.backend
+            .set_config(CONFIG_WRITEBACK_OFFSET as u32, &[1, 1])
+            .is_err()
+    );
+    rig.backend.reset_device();
+    assert_eq!(
+        rig.backend.get_config(CONFIG_WRITEBACK_OFFSET as u32, 1),
+        vec![1]
+    );
+}
+
+#[test]
+fn stop_vring_waits_for_the_batch_in_flight() {
+    use std::sync::atomic::AtomicBool;
+    let rig = Rig::default(false);
+    let stopped = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // Hold the queue the way its worker does while serving a batch.
+        let batch = rig.backend.workers[0].lock().unwrap();
+        let stopper = scope.spawn(|| {
+            rig.backend.stop_vring(0).unwrap();
+            stopped.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !stopped.load(Ordering::SeqCst),
+            "stop_vring returned mid-batch"
+        );
+        drop(batch);
+        stopper.join().unwrap();
+    });
+    assert!(stopped.load(Ordering::SeqCst));
+    rig.backend.stop_vring(5).unwrap();
+}

@@ -1,0 +1,477 @@
+//! Block request semantics, independent of virtqueues and transports.
+//!
+//! [`BlockDevice`] turns one decoded request into storage operations and a status. Everything a
+//! guest can get wrong about sectors, lengths and permissions is checked here; everything it can
+//! get wrong about descriptor chains is checked in [`crate::queue`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use log::warn;
+use vm_memory::{Le16, Le32, Le64};
+
+use crate::storage::{IoBuffers, Storage};
+use crate::virtio_blk::{
+    DiscardWriteZeroesSegment, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VirtioBlkConfig,
+};
+
+/// Largest range of one discard or write-zeroes segment, in sectors (just under 2 GiB, so a
+/// byte count always fits in 32 bits).
+pub const MAX_DISCARD_SECTORS: u32 = (u32::MAX >> SECTOR_SHIFT) & !7;
+/// Segments per discard or write-zeroes request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Largest single data buffer the driver may use (`size_max`).
+pub const MAX_SEGMENT_SIZE: u32 = 1 << 20;
+
+pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Completion status of a request (`VIRTIO_BLK_S_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    IoError,
+    Unsupported,
+}
+
+impl Status {
+    pub fn as_byte(self) -> u8 {
+        let value = match self {
+            Status::Ok => VIRTIO_BLK_S_OK,
+            Status::IoError => VIRTIO_BLK_S_IOERR,
+            Status::Unsupported => VIRTIO_BLK_S_UNSUPP,
+        };
+        value as u8
+    }
+}
+
+/// Which range operation a segment list asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeOperation {
+    Discard,
+    WriteZeroes,
+}
+
+/// A disk as the guest sees it: storage plus the read-only flag, serial and cache mode.
+pub struct BlockDevice<S> {
+    storage: S,
+    readonly: bool,
+    serial: [u8; SERIAL_LEN],
+    /// Writeback cache (the default) or writethrough, which the driver may switch through the
+    /// config space (CONFIG_WCE). Writethrough makes every write durable before it completes.
+    writeback: AtomicBool,
+}
+
+impl<S: Storage> BlockDevice<S> {
+    /// `serial` longer than [`SERIAL_LEN`] bytes is cut; configs validate it beforehand.
+    pub fn new(storage: S, readonly: bool, serial: &str) -> Self {
+        let mut id = [0u8; SERIAL_LEN];
+        let len = serial.len().min(SERIAL_LEN);
+        id[..len].copy_from_slice(&serial.as_bytes()[..len]);
+        BlockDevice {
+            storage,
+            readonly,
+            serial: id,
+            writeback: AtomicBool::new(true),
+        }
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.storage.size() >> SECTOR_SHIFT
+    }
+
+    /// The identifier returned by GET_ID: the serial, NUL padded to 20 bytes.
+    pub fn id(&self) -> &[u8; SERIAL_LEN] {
+        &self.serial
+    }
+
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    pub fn set_writeback(&self, writeback: bool) {
+        self.writeback.store(writeback, Ordering::Relaxed);
+    }
+
+    /// The full config space for `num_queues` queues and at most `seg_max` data segments.
+    pub fn config_space(&self, num_queues: u16, seg_max: u32) -> VirtioBlkConfig {
+        let logical = self.storage.logical_block_size();
+        let physical = self.storage.physical_block_size();
+        let physical_block_exp = (physical / logical).max(1).trailing_zeros() as u8;
+        let min_io_size = u16::try_from(physical / logical).unwrap_or(1);
+        VirtioBlkConfig {
+            capacity: Le64::from(self.capacity_sectors()),
+            size_max: Le32::from(MAX_SEGMENT_SIZE),
+            seg_max: Le32::from(seg_max),
+            blk_size: Le32::from(logical),
+            physical_block_exp,
+            min_io_size: Le16::from(min_io_size),
+            writeback: u8::from(self.writeback()),
+            num_queues: Le16::from(num_queues),
+            max_discard_sectors: Le32::from(MAX_DISCARD_SECTORS),
+            max_discard_seg: Le32::from(MAX_DISCARD_SEGMENTS),
+            discard_sector_alignment: Le32::from((physical >> SECTOR_SHIFT).max(1)),
+            max_write_zeroes_sectors: Le32::from(MAX_DISCARD_SECTORS),
+            max_write_zeroes_seg: Le32::from(MAX_DISCARD_SEGMENTS),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Byte offset of `sector` if `len` bytes from there lie inside the disk.
+    fn checked_range(&self, what: &str, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR_SIZE);
+        let end = offset.and_then(|offset| offset.checked_add(len));
+        match (offset, end) {
+            (Some(offset), Some(end)) if end <= self.storage.size() => Some(offset),
+            _ => {
+                warn!(
+                    "{what}: sector {sector} + {len} bytes is beyond the disk ({} sectors)",
+                    self.capacity_sectors()
+                );
+                None
+            }
+        }
+    }
+
+    fn data_range(&self, what: &str, sector: u64, len: usize) -> Option<u64> {
+        if len as u64 % SECTOR_SIZE != 0 {
+            warn!("{what}: sector {sector}: data length {len} is not a multiple of 512");
+            return None;
+        }
+        self.checked_range(what, sector, len as u64)
+    }
+
+    fn refuse_if_readonly(&self, what: &str) -> Option<Status> {
+        if self.readonly {
+            warn!("{what} refused: the disk is read-only");
+            Some(Status::IoError)
+        } else {
+            None
+        }
+    }
+
+    /// Reads `bufs.len()` bytes from `sector` into the buffers.
+    pub fn read(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
+        let Some(offset) = self.data_range("read", sector, bufs.len()) else {
+            return Status::IoError;
+        };
+        match self.storage.read_at(bufs, offset) {
+            Ok(()) => Status::Ok,
+            Err(error) => {
+                warn!("read at sector {sector}, {} bytes: {error}", bufs.len());
+                Status::IoError
+            }
+        }
+    }
+
+    /// Writes the buffers at `sector`.
+    pub fn write(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
+        if let Some(status) = self.refuse_if_readonly("write") {
+            return status;
+        }
+        let Some(offset) = self.data_range("write", sector, bufs.len()) else {
+            return Status::IoError;
+        };
+        if let Err(error) = self.storage.write_at(bufs, offset) {
+            warn!("write at sector {sector}, {} bytes: {error}", bufs.len());
+            return Status::IoError;
+        }
+        if self.writeback() {
+            Status::Ok
+        } else {
+            self.flush()
+        }
+    }
+
+    pub fn flush(&self) -> Status {
+        if self.readonly {
+            return Status::Ok;
+        }
+        match self.storage.flush() {
+            Ok(()) => Status::Ok,
+            Err(error) => {
+                warn!("flush: {error}");
+                Status::IoError
+            }
+        }
+    }
+
+    /// Discards or zeroes every segment, in order; stops at the first failure.
+    pub fn apply_ranges(
+        &self,
+        operation: RangeOperation,
+        segments: &[DiscardWriteZeroesSegment],
+    ) -> Status {
+        let what = match operation {
+            RangeOperation::Discard => "discard",
+            RangeOperation::WriteZeroes => "write-zeroes",
+        };
+        if let Some(status) = self.refuse_if_readonly(what) {
+            return status;
+        }
+        // Flag checks come first: an unsupported flag anywhere makes the whole request
+        // unsupported, as the spec requires, before anything is changed.
+        let allowed_flags = match operation {
+            RangeOperation::Discard => 0,
+            RangeOperation::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+        };
+        if let Some(segment) = segments
+            .iter()
+            .find(|segment| segment.flags.to_native() & !allowed_flags != 0)
+        {
+            warn!("{what}: unsupported flags {:#x}", segment.flags.to_native());
+            return Status::Unsupported;
+        }
+        for segment in segments {
+            let sector = segment.sector.to_native();
+            let sectors = segment.num_sectors.to_native();
+            if sectors > MAX_DISCARD_SECTORS {
+                warn!("{what}: {sectors} sectors exceed the limit of {MAX_DISCARD_SECTORS}");
+                return Status::IoError;
+            }
+            let len = u64::from(sectors) << SECTOR_SHIFT;
+            let Some(offset) = self.checked_range(what, sector, len) else {
+                return Status::IoError;
+            };
+            let result = match operation {
+                RangeOperation::Discard => self.storage.discard(offset, len),
+                RangeOperation::WriteZeroes => {
+                    let unmap = segment.flags.to_native() & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                    self.storage.write_zeroes(offset, len, unmap)
+                }
+            };
+            if let Err(error) = result {
+                warn!("{what} at sector {sector}, {sectors} sectors: {error}");
+                return Status::IoError;
+            }
+        }
+        if self.writeback() {
+            Status::Ok
+        } else {
+            self.flush()
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::storage::FileStorage;
+    use std::io;
+    use std::sync::atomic::AtomicUsize;
+    use vm_memory::VolatileSlice;
+
+    /// Storage whose operations fail on demand and that counts flushes.
+    pub(crate) struct FaultyStorage {
+        pub inner: FileStorage,
+        pub fail: AtomicBool,
+        pub flushes: AtomicUsize,
+    }
+
+    impl FaultyStorage {
+        pub fn new(size: u64) -> Self {
+            FaultyStorage {
+                inner: FileStorage::memory(size).unwrap(),
+                fail: AtomicBool::new(false),
+                flushes: AtomicUsize::new(0),
+            }
+        }
+
+        fn check(&self) -> io::Result<()> {
+            if self.fail.load(Ordering::Relaxed) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Storage for FaultyStorage {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn logical_block_size(&self) -> u32 {
+            self.inner.logical_block_size()
+        }
+        fn physical_block_size(&self) -> u32 {
+            self.inner.physical_block_size()
+        }
+        fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.read_at(bufs, offset)
+        }
+        fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.write_at(bufs, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.check()?;
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.inner.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+            self.check()?;
+            self.inner.write_zeroes(offset, len, may_unmap)
+        }
+    }
+
+    fn device(readonly: bool) -> BlockDevice<FaultyStorage> {
+        BlockDevice::new(FaultyStorage::new(64 * 1024), readonly, "disk-1")
+    }
+
+    fn segment(sector: u64, num_sectors: u32, flags: u32) -> DiscardWriteZeroesSegment {
+        DiscardWriteZeroesSegment {
+            sector: Le64::from(sector),
+            num_sectors: Le32::from(num_sectors),
+            flags: Le32::from(flags),
+        }
+    }
+
+    fn write(device: &BlockDevice<FaultyStorage>, sector: u64, data: &mut [u8]) -> Status {
+        let mut iovecs = Vec::new();
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(data));
+        device.write(sector, &mut bufs)
+    }
+
+    fn read(device: &BlockDevice<FaultyStorage>, sector: u64, len: usize) -> (Status, Vec<u8>) {
+        let mut data = vec![0u8; len];
+        let mut iovecs = Vec::new();
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut data[..]));
+        let status = device.read(sector, &mut bufs);
+        (status, data)
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let device = device(false);
+        assert_eq!(write(&device, 3, &mut [0x11; 1024]), Status::Ok);
+        let (status, data) = read(&device, 3, 1024);
+        assert_eq!(status, Status::Ok);
+        assert!(data.iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn ranges_beyond_the_disk_or_overflowing_fail() {
+        let device = device(false);
+        let last = device.capacity_sectors() - 1;
+        assert_eq!(read(&device, last, 512).0, Status::Ok);
+        assert_eq!(read(&device, last, 1024).0, Status::IoError);
+        assert_eq!(read(&device, u64::MAX, 512).0, Status::IoError);
+        assert_eq!(read(&device, u64::MAX >> 9, 1024).0, Status::IoError);
+        assert_eq!(write(&device, last + 1, &mut [0; 512]), Status::IoError);
+        assert_eq!(read(&device, 0, 100).0, Status::IoError, "not sector sized");
+    }
+
+    #[test]
+    fn readonly_refuses_every_change() {
+        let device = device(true);
+        assert_eq!(write(&device, 0, &mut [1; 512]), Status::IoError);
+        assert_eq!(
+            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 0)]),
+            Status::IoError
+        );
+        assert_eq!(
+            device.apply_ranges(RangeOperation::WriteZeroes, &[segment(0, 1, 0)]),
+            Status::IoError
+        );
+        assert_eq!(device.flush(), Status::Ok);
+        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_check_flags_and_ranges() {
+        let device = device(false);
+        assert_eq!(write(&device, 0, &mut [0xee; 8192]), Status::Ok);
+        assert_eq!(
+            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 1)]),
+            Status::Unsupported,
+            "discard must not carry the unmap flag"
+        );
+        assert_eq!(
+            device.apply_ranges(RangeOperation::WriteZeroes, &[segment(0, 1, 2)]),
+            Status::Unsupported
+        );
+        assert_eq!(
+            device.apply_ranges(RangeOperation::Discard, &[segment(u64::MAX, 1, 0)]),
+            Status::IoError
+        );
+        assert_eq!(
+            device.apply_ranges(
+                RangeOperation::Discard,
+                &[segment(0, MAX_DISCARD_SECTORS + 1, 0)]
+            ),
+            Status::IoError
+        );
+        let segments = [
+            segment(0, 2, 0),
+            segment(8, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+        ];
+        assert_eq!(
+            device.apply_ranges(RangeOperation::WriteZeroes, &segments),
+            Status::Ok
+        );
+        assert_eq!(
+            device.apply_ranges(RangeOperation::Discard, &[segment(12, 1, 0)]),
+            Status::Ok
+        );
+        let (_, data) = read(&device, 0, 8192);
+        assert!(data[..1024].iter().all(|&b| b == 0));
+        assert!(data[1024..4096].iter().all(|&b| b == 0xee));
+        assert!(data[4096..6656].iter().all(|&b| b == 0));
+        assert!(data[6656..].iter().all(|&b| b == 0xee));
+    }
+
+    #[test]
+    fn storage_errors_become_ioerr() {
+        let device = device(false);
+        device.storage().fail.store(true, Ordering::Relaxed);
+        assert_eq!(read(&device, 0, 512).0, Status::IoError);
+        assert_eq!(write(&device, 0, &mut [0; 512]), Status::IoError);
+        assert_eq!(device.flush(), Status::IoError);
+        assert_eq!(
+            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 0)]),
+            Status::IoError
+        );
+    }
+
+    #[test]
+    fn writethrough_flushes_after_each_write() {
+        let device = device(false);
+        assert_eq!(write(&device, 0, &mut [0; 512]), Status::Ok);
+        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 0);
+        device.set_writeback(false);
+        assert_eq!(write(&device, 0, &mut [0; 512]), Status::Ok);
+        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 1);
+        assert_eq!(device.config_space(1, 126).writeback, 0);
+    }
+
+    #[test]
+    fn config_space_describes_the_disk() {
+        let device = BlockDevice::new(FaultyStorage::new(1 << 20), false, "x");
+        let config = device.config_space(4, 254);
+        assert_eq!(config.capacity.to_native(), 2048);
+        assert_eq!(config.num_queues.to_native(), 4);
+        assert_eq!(config.seg_max.to_native(), 254);
+        assert_eq!(config.blk_size.to_native(), 512);
+        assert_eq!(config.physical_block_exp, 3);
+        assert_eq!(config.min_io_size.to_native(), 8);
+        assert_eq!(config.writeback, 1);
+        assert_eq!(config.write_zeroes_may_unmap, 1);
+        assert_eq!(config.max_discard_seg.to_native(), MAX_DISCARD_SEGMENTS);
+        assert_eq!(&device.id()[..2], b"x\0");
+    }
+}

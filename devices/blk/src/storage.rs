@@ -1,0 +1,563 @@
+//! Backing stores: a raw image file, a block device, or an in-memory disk.
+//!
+//! Data moves between guest memory and the backing file with `preadv`/`pwritev` straight on the
+//! guest's buffers (zero-copy). [`IoBuffers`] is the only way to name those buffers, and it can
+//! only be built from [`VolatileSlice`]s, which vouch for the memory behind each pointer.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use log::warn;
+use vm_memory::VolatileSlice;
+use vm_memory::bitmap::BitmapSlice;
+
+use crate::virtio_blk::SECTOR_SIZE;
+
+/// `_IOR(0x12, 114, size_t)`: device size in bytes (not exported by the libc crate).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 127)`: zero a byte range, unmapping where the device can.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Linux caps one vectored call at `IOV_MAX` buffers; longer lists are sent in several calls.
+const IOV_MAX: usize = 1024;
+
+/// Guest buffers of one request, kept as the `iovec` list the kernel consumes.
+///
+/// The lifetime ties the list to the guest-memory borrow its slices came from, so no pointer can
+/// outlive the mapping. The backing `Vec` is borrowed so that a queue worker reuses one
+/// allocation for every request.
+pub struct IoBuffers<'a> {
+    iovecs: &'a mut Vec<libc::iovec>,
+    len: usize,
+    _guest_memory: PhantomData<VolatileSlice<'a, ()>>,
+}
+
+impl<'a> IoBuffers<'a> {
+    /// Starts an empty list in `storage` (cleared first).
+    pub fn new(storage: &'a mut Vec<libc::iovec>) -> Self {
+        storage.clear();
+        IoBuffers {
+            iovecs: storage,
+            len: 0,
+            _guest_memory: PhantomData,
+        }
+    }
+
+    /// Appends a guest buffer.
+    pub fn push<B: BitmapSlice>(&mut self, slice: &VolatileSlice<'a, B>) {
+        if slice.is_empty() {
+            return;
+        }
+        // Writes through this pointer (reads from disk into the guest) bypass the dirty-page
+        // bitmap; the devices use `()` bitmaps and do not offer dirty logging.
+        let base = slice.ptr_guard_mut().as_ptr();
+        self.iovecs.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: slice.len(),
+        });
+        self.len += slice.len();
+    }
+
+    /// Total bytes in all buffers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Drops the first `done` bytes from an iovec list after a short transfer.
+fn advance(iovecs: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
+    let mut first = 0;
+    while first < iovecs.len() && done >= iovecs[first].iov_len {
+        done -= iovecs[first].iov_len;
+        first += 1;
+    }
+    let rest = &mut iovecs[first..];
+    if let Some(iov) = rest.first_mut() {
+        // SAFETY: `done < iov_len` here, so the new base stays inside the same buffer.
+        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(done) }.cast();
+        iov.iov_len -= done;
+    }
+    rest
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// Disk to guest memory.
+    Read,
+    /// Guest memory to disk.
+    Write,
+}
+
+/// What kind of object backs the disk; decides how discard and zeroing are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingKind {
+    RegularFile,
+    BlockDevice,
+    Memory,
+}
+
+/// The block-level operations the device needs from a backing store.
+///
+/// Offsets and lengths are in bytes; callers have checked them against [`Storage::size`].
+pub trait Storage: Send + Sync {
+    fn size(&self) -> u64;
+    /// Logical block size the device reports (`blk_size`).
+    fn logical_block_size(&self) -> u32;
+    /// Physical block size, reported through the topology fields.
+    fn physical_block_size(&self) -> u32;
+    /// Fills every buffer, or fails.
+    fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()>;
+    /// Writes every buffer, or fails.
+    fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocates a range. Reads of it return zeroes afterwards.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Zeroes a range; with `may_unmap` the space may be deallocated as well.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+}
+
+/// Errors opening a backing store; each names the offending input.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("image {path} is neither a regular file nor a block device")]
+    NotFileOrBlockDevice { path: PathBuf },
+    #[error("image {path} is empty (size 0)")]
+    Empty { path: PathBuf },
+    #[error("image {path} is {size} bytes, not a multiple of 512")]
+    Unaligned { path: PathBuf, size: u64 },
+    #[error("cannot query image {path}: {source}")]
+    Query { path: PathBuf, source: io::Error },
+    #[error("in-memory disk size {size} must be a non-zero multiple of 512")]
+    BadMemorySize { size: u64 },
+    #[error("cannot create the in-memory disk: {0}")]
+    Memory(io::Error),
+}
+
+/// A disk backed by a file descriptor: image file, block device or memfd.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    kind: BackingKind,
+    size: u64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+}
+
+impl FileStorage {
+    /// Opens an image file or a block device.
+    pub fn open(path: &Path, readonly: bool) -> Result<Self, OpenError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| OpenError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let query_error = |source| OpenError::Query {
+            path: path.to_owned(),
+            source,
+        };
+        let file_type = file.metadata().map_err(query_error)?.file_type();
+        let (kind, size, logical, physical) = if file_type.is_file() {
+            let size = file.metadata().map_err(query_error)?.len();
+            (BackingKind::RegularFile, size, 512, 4096)
+        } else if file_type.is_block_device() {
+            let size = block_device_u64(&file, BLKGETSIZE64).map_err(query_error)?;
+            let logical =
+                block_device_u32(&file, libc::BLKSSZGET as libc::c_ulong).map_err(query_error)?;
+            let physical =
+                block_device_u32(&file, libc::BLKPBSZGET as libc::c_ulong).map_err(query_error)?;
+            (BackingKind::BlockDevice, size, logical, physical)
+        } else {
+            return Err(OpenError::NotFileOrBlockDevice {
+                path: path.to_owned(),
+            });
+        };
+        if size == 0 {
+            return Err(OpenError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        if size % SECTOR_SIZE != 0 {
+            return Err(OpenError::Unaligned {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        Ok(FileStorage {
+            file,
+            kind,
+            size,
+            logical_block_size: logical,
+            physical_block_size: physical.max(logical),
+        })
+    }
+
+    /// Creates a zero-filled in-memory disk (a memfd, so the same I/O path serves it).
+    pub fn memory(size: u64) -> Result<Self, OpenError> {
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(OpenError::BadMemorySize { size });
+        }
+        // SAFETY: the name is a valid NUL-terminated string; the result is checked below.
+        let fd = unsafe { libc::memfd_create(c"hvisor-vhost-disk".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(OpenError::Memory(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(OpenError::Memory)?;
+        Ok(FileStorage {
+            file,
+            kind: BackingKind::Memory,
+            size,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+        })
+    }
+
+    /// The open backing file, e.g. to inspect an in-memory disk.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    fn transfer(
+        &self,
+        direction: Direction,
+        bufs: &mut IoBuffers<'_>,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut offset = offset;
+        let mut pending: &mut [libc::iovec] = &mut bufs.iovecs[..];
+        while !pending.is_empty() {
+            let count = pending.len().min(IOV_MAX);
+            let file_offset = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            // SAFETY: every iovec was built by `IoBuffers::push` from a live `VolatileSlice`
+            // whose borrow outlives `bufs`, and `advance` keeps each entry inside its buffer.
+            let done = unsafe {
+                match direction {
+                    Direction::Read => libc::preadv(
+                        self.file.as_raw_fd(),
+                        pending.as_ptr(),
+                        count as libc::c_int,
+                        file_offset,
+                    ),
+                    Direction::Write => libc::pwritev(
+                        self.file.as_raw_fd(),
+                        pending.as_ptr(),
+                        count as libc::c_int,
+                        file_offset,
+                    ),
+                }
+            };
+            if done < 0 {
+                let error = io::Error::last_os_error();
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if done == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("backing store ended at byte {offset}"),
+                ));
+            }
+            offset += done as u64;
+            pending = advance(pending, done as usize);
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
+        };
+        loop {
+            // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+            let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+            if ret == 0 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+
+    fn block_device_range(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 from the pointer, which points to
+        // `range`, alive for the call.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), request as _, range.as_ptr()) };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The fallback for back ends that cannot deallocate or zero a range in place.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: usize = 64 * 1024;
+        let zeroes = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let now = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..now], offset + done)?;
+            done += now as u64;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Tries `first`; when the file system does not support it, writes zero bytes instead.
+    fn or_zero_bytes(&self, first: io::Result<()>, offset: u64, len: u64) -> io::Result<()> {
+        match first {
+            Err(error) if is_unsupported(&error) => self.write_zero_bytes(offset, len),
+            other => other,
+        }
+    }
+}
+
+fn is_unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+    )
+}
+
+fn block_device_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
+    let mut value = 0u64;
+    // SAFETY: the request writes one u64 to the pointer, which points to `value`.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut value as *mut u64) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+fn block_device_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: the request writes one int to the pointer, which points to `value`.
+    let ret = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            request as _,
+            &mut value as *mut libc::c_int,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(value).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "negative size"))
+}
+
+impl Storage for FileStorage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+
+    fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Read, bufs, offset)
+    }
+
+    fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Write, bufs, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.kind {
+            BackingKind::RegularFile | BackingKind::Memory => {
+                self.or_zero_bytes(self.punch_hole(offset, len), offset, len)
+            }
+            // BLKDISCARD does not promise zeroes on every device; BLKZEROOUT with unmap does.
+            BackingKind::BlockDevice => self.write_zeroes(offset, len, true),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let first = match (self.kind, may_unmap) {
+            (BackingKind::BlockDevice, _) => self.block_device_range(BLKZEROOUT, offset, len),
+            (_, true) => match self.punch_hole(offset, len) {
+                Err(error) if is_unsupported(&error) => {
+                    self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                }
+                other => other,
+            },
+            (_, false) => self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len),
+        };
+        if let Err(error) = &first {
+            if is_unsupported(error) {
+                warn!("zeroing in place is unsupported here ({error}); writing zero bytes");
+            }
+        }
+        self.or_zero_bytes(first, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn storage_with(content: &[u8]) -> (tempfile::NamedTempFile, FileStorage) {
+        let mut image = tempfile::NamedTempFile::new().unwrap();
+        image.write_all(content).unwrap();
+        let storage = FileStorage::open(image.path(), false).unwrap();
+        (image, storage)
+    }
+
+    #[test]
+    fn vectored_read_and_write_span_several_buffers() {
+        let content: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let (_image, storage) = storage_with(&content);
+        let mut first = vec![0u8; 1000];
+        let mut second = [0u8; 24];
+        let mut iovecs = Vec::new();
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut first[..]));
+        bufs.push(&VolatileSlice::from(&mut second[..]));
+        assert_eq!(bufs.len(), 1024);
+        storage.read_at(&mut bufs, 512).unwrap();
+        assert_eq!(first[..], content[512..1512]);
+        assert_eq!(second[..], content[1512..1536]);
+
+        let mut replacement = vec![0xabu8; 512];
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut replacement[..]));
+        storage.write_at(&mut bufs, 0).unwrap();
+        let mut back = vec![0u8; 512];
+        storage.file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, replacement);
+    }
+
+    #[test]
+    fn advance_skips_whole_and_partial_buffers() {
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 8];
+        let mut iovecs = vec![
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        let rest = advance(&mut iovecs, 6);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].iov_len, 6);
+        assert_eq!(rest[0].iov_base.cast::<u8>(), b[2..].as_mut_ptr());
+        assert!(advance(&mut iovecs, 12).is_empty());
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_leave_zeroes() {
+        let (_image, storage) = storage_with(&[0x5a; 16384]);
+        storage.discard(4096, 4096).unwrap();
+        storage.write_zeroes(8192, 1024, false).unwrap();
+        storage.write_zeroes(12288, 512, true).unwrap();
+        let mut back = vec![0u8; 16384];
+        storage.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0x5a));
+        assert!(back[4096..9216].iter().all(|&b| b == 0));
+        assert!(back[9216..12288].iter().all(|&b| b == 0x5a));
+        assert!(back[12288..12800].iter().all(|&b| b == 0));
+        assert!(back[12800..].iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn memory_disk_supports_every_operation() {
+        let storage = FileStorage::memory(1 << 20).unwrap();
+        assert_eq!(storage.kind(), BackingKind::Memory);
+        assert_eq!(storage.size(), 1 << 20);
+        let mut data = vec![7u8; 4096];
+        let mut iovecs = Vec::new();
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut data[..]));
+        storage.write_at(&mut bufs, 8192).unwrap();
+        storage.write_zeroes(8192, 512, false).unwrap();
+        storage.discard(9216, 512).unwrap();
+        storage.flush().unwrap();
+        let mut back = vec![1u8; 4096];
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut back[..]));
+        storage.read_at(&mut bufs, 8192).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0));
+        assert!(back[512..1024].iter().all(|&b| b == 7));
+        assert!(back[1024..1536].iter().all(|&b| b == 0));
+        assert!(back[1536..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn open_rejects_bad_images() {
+        let missing = FileStorage::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
+        assert!(
+            missing.to_string().contains("/nonexistent/disk.img"),
+            "{missing}"
+        );
+        let directory = FileStorage::open(Path::new("/tmp"), true).unwrap_err();
+        assert!(
+            matches!(directory, OpenError::NotFileOrBlockDevice { .. }),
+            "{directory}"
+        );
+        let empty_image = tempfile::NamedTempFile::new().unwrap();
+        let empty = FileStorage::open(empty_image.path(), false).unwrap_err();
+        assert!(matches!(empty, OpenError::Empty { .. }), "{empty}");
+        let odd = tempfile::NamedTempFile::new().unwrap();
+        odd.as_file().set_len(1000).unwrap();
+        let unaligned = FileStorage::open(odd.path(), false).unwrap_err();
+        assert!(
+            unaligned.to_string().contains("not a multiple of 512"),
+            "{unaligned}"
+        );
+        assert!(matches!(
+            FileStorage::memory(0),
+            Err(OpenError::BadMemorySize { size: 0 })
+        ));
+    }
+}
