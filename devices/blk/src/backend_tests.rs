@@ -164,7 +164,9 @@ impl Rig {
     /// `next_index` returned; returns the head.
     fn publish(&mut self, queue: usize, descriptors: &[RawDescriptor]) -> u16 {
         let first = self.next_index(queue, descriptors.len());
-        self.rings(queue).add_desc_chains(descriptors, first).unwrap();
+        self.rings(queue)
+            .add_desc_chains(descriptors, first)
+            .unwrap();
         self.next_desc[queue] = first + descriptors.len() as u16;
         first
     }

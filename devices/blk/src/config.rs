@@ -20,6 +20,15 @@ pub enum Backing {
     Memory { size: u64 },
 }
 
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Image(path) => write!(f, "image {}", path.display()),
+            Backing::Memory { .. } => f.write_str("in-memory disk"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlkConfig {
     pub backing: Backing,

@@ -1,0 +1,190 @@
+//! The vhost-user transport: serve any device backend to one frontend at a time, on one socket,
+//! across frontend reconnects, until a stop is requested.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on socket {path}: {source}")]
+    Listen { path: PathBuf, source: vhost::vhost_user::Error },
+    #[error("cannot start the vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("waiting for a frontend on {path}: {source}")]
+    Poll { path: PathBuf, source: io::Error },
+}
+
+/// Asks a serving loop to stop: wakes it while it waits for a frontend, and closes the
+/// connection of the frontend it serves.
+pub struct StopSignal {
+    requested: AtomicBool,
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopSignal {
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(StopSignal {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            connection: Mutex::new(None),
+        }))
+    }
+
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(error) = self.wake.write(1) {
+            warn!("cannot wake the serving loop: {error}");
+        }
+        if let Some(connection) = self.lock_connection().as_ref() {
+            connection.shutdown();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records the live connection; closes it at once if a stop came first.
+    fn set_connection(&self, connection: Option<ShutdownHandle>) {
+        let mut slot = self.lock_connection();
+        *slot = connection;
+        // Checked under the lock: `request` either sees this handle or has already set the
+        // flag we read here.
+        if self.is_requested() {
+            if let Some(connection) = slot.as_ref() {
+                connection.shutdown();
+            }
+        }
+    }
+}
+
+/// Stops `stop` on the first SIGINT or SIGTERM.
+pub fn stop_on_termination_signals(stop: Arc<StopSignal>) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal} received: finishing in-flight requests and stopping");
+                stop.request();
+            }
+        })?;
+    Ok(())
+}
+
+enum Wakeup {
+    Frontend,
+    Stop,
+}
+
+fn wait_for_frontend(listener: &Listener, stop: &StopSignal) -> io::Result<Wakeup> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if stop.is_requested() {
+            return Ok(Wakeup::Stop);
+        }
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Wakeup::Stop);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Wakeup::Frontend);
+        }
+    }
+}
+
+/// Serves `backend` on `socket_path` until `stop` is requested.
+///
+/// One listener is kept for the whole run, so a frontend that reconnects finds the socket
+/// without an unlink/rebind window. `after_disconnect` runs after each frontend leaves (e.g.
+/// to flush a disk). On return the worker threads have finished their in-flight requests and
+/// the socket file is removed.
+pub fn serve<B>(
+    name: &str,
+    backend: B,
+    socket_path: &Path,
+    stop: &StopSignal,
+    mut after_disconnect: impl FnMut(),
+) -> Result<(), ServeError>
+where
+    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    let mut listener = Listener::new(socket_path, true).map_err(|source| ServeError::Listen {
+        path: socket_path.to_owned(),
+        source,
+    })?;
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon =
+        VhostUserDaemon::new(name.to_owned(), backend, memory).map_err(ServeError::Daemon)?;
+    info!("{name}: listening on {}", socket_path.display());
+    let result = loop {
+        match wait_for_frontend(&listener, stop) {
+            Ok(Wakeup::Stop) => break Ok(()),
+            Ok(Wakeup::Frontend) => {}
+            Err(source) => {
+                break Err(ServeError::Poll {
+                    path: socket_path.to_owned(),
+                    source,
+                });
+            }
+        }
+        if let Err(error) = daemon.start(&mut listener) {
+            warn!("{name}: could not accept a frontend: {error}");
+            continue;
+        }
+        info!("{name}: frontend connected");
+        stop.set_connection(daemon.shutdown_handle());
+        match daemon.wait() {
+            Ok(()) => info!("{name}: frontend disconnected"),
+            Err(error) => warn!("{name}: frontend connection ended: {error}"),
+        }
+        stop.set_connection(None);
+        after_disconnect();
+    };
+    // Dropping the daemon sends each worker its exit event and joins it once its current
+    // batch of requests is complete.
+    drop(daemon);
+    if let Err(error) = std::fs::remove_file(socket_path) {
+        if error.kind() != io::ErrorKind::NotFound {
+            error!("cannot remove socket {}: {error}", socket_path.display());
+        }
+    }
+    result
+}
