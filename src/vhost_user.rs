@@ -16,7 +16,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on socket {path}: {source}")]
-    Listen { path: PathBuf, source: vhost::vhost_user::Error },
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(vhost_user_backend::Error),
     #[error("waiting for a frontend on {path}: {source}")]
@@ -48,6 +51,11 @@ impl StopSignal {
         if let Some(connection) = self.lock_connection().as_ref() {
             connection.shutdown();
         }
+    }
+
+    /// Readable once a stop was requested.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        self.wake.as_raw_fd()
     }
 
     pub fn is_requested(&self) -> bool {

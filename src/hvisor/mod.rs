@@ -1,6 +1,20 @@
 //! The hvisor transport: serve guests of hvisor's non-root zones from the `virtio_bridge`
-//! request ring, emulating virtio-mmio for the device crates.
+//! request ring, emulating virtio-mmio in front of the device crates.
+//!
+//! - [`abi`]: the shared page and ioctl numbers;
+//! - [`ring`]: both halves of the ring protocol and its wake-up handshake;
+//! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
+//! - [`config`]: hvisor-tool's `virtio_cfg.json`;
+//! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
+//! - [`devices`]: which device crate serves which JSON type.
 
 pub mod abi;
+pub mod config;
+pub mod devices;
+pub mod handoff;
+pub mod interrupt;
+pub mod mmio;
+pub mod port;
 pub mod ring;
+pub mod server;
 pub mod sync;

@@ -115,7 +115,9 @@ pub fn push_result(bridge: &VirtioBridge, result: DeviceRes) -> bool {
         return false;
     }
     let entry = &bridge.res_list[slot(rear)];
-    entry.target_zone.store(result.target_zone, Ordering::Relaxed);
+    entry
+        .target_zone
+        .store(result.target_zone, Ordering::Relaxed);
     entry.irq_id.store(result.irq_id, Ordering::Relaxed);
     // Release: the entry is visible before the hypervisor sees the new rear.
     bridge.res_rear.store(ring_next(rear), Ordering::Release);
@@ -162,7 +164,9 @@ impl<'a> HypervisorSide<'a> {
         entry.size.store(request.size, Ordering::Relaxed);
         entry.value.store(request.value, Ordering::Relaxed);
         entry.src_zone.store(request.src_zone, Ordering::Relaxed);
-        entry.is_write.store(u8::from(request.is_write), Ordering::Relaxed);
+        entry
+            .is_write
+            .store(u8::from(request.is_write), Ordering::Relaxed);
         entry
             .need_interrupt
             .store(u8::from(request.need_interrupt), Ordering::Relaxed);
@@ -230,7 +234,10 @@ mod tests {
         for n in 0..31 {
             assert!(hypervisor.try_push(&request(n)), "slot {n}");
         }
-        assert!(!hypervisor.try_push(&request(99)), "the 32nd request must not fit");
+        assert!(
+            !hypervisor.try_push(&request(99)),
+            "the 32nd request must not fit"
+        );
         for n in 0..31 {
             assert_eq!(consumer.pop(), Some(request(n)));
         }
@@ -275,11 +282,29 @@ mod tests {
         let bridge = VirtioBridge::default();
         let hypervisor = HypervisorSide::new(&bridge);
         for irq in 0..31 {
-            assert!(push_result(&bridge, DeviceRes { target_zone: 1, irq_id: irq }));
+            assert!(push_result(
+                &bridge,
+                DeviceRes {
+                    target_zone: 1,
+                    irq_id: irq
+                }
+            ));
         }
-        assert!(!push_result(&bridge, DeviceRes { target_zone: 1, irq_id: 99 }));
+        assert!(!push_result(
+            &bridge,
+            DeviceRes {
+                target_zone: 1,
+                irq_id: 99
+            }
+        ));
         for irq in 0..31 {
-            assert_eq!(hypervisor.pop_result(), Some(DeviceRes { target_zone: 1, irq_id: irq }));
+            assert_eq!(
+                hypervisor.pop_result(),
+                Some(DeviceRes {
+                    target_zone: 1,
+                    irq_id: irq
+                })
+            );
         }
         assert_eq!(hypervisor.pop_result(), None);
     }
