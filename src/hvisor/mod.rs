@@ -6,7 +6,8 @@
 //! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
 //! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
-//! - [`devices`]: which device crate serves which JSON type.
+//! - [`devices`]: which device crate serves which JSON type;
+//! - [`simulator`]: hvisor's side, played in software for tests and workstations.
 
 pub mod abi;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod mmio;
 pub mod port;
 pub mod ring;
 pub mod server;
+pub mod simulator;
 pub mod sync;

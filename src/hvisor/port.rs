@@ -244,6 +244,15 @@ pub struct SocketPort {
 
 impl SocketPort {
     pub fn connect(path: &Path) -> Result<Self, PortError> {
+        let connection = UnixStream::connect(path).map_err(|source| PortError::Socket {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::attach(connection, path)
+    }
+
+    /// Runs the hand-off on an already connected stream; `path` names it in messages.
+    pub fn attach(connection: UnixStream, path: &Path) -> Result<Self, PortError> {
         let socket_error = |source| PortError::Socket {
             path: path.to_owned(),
             source,
@@ -252,7 +261,6 @@ impl SocketPort {
             path: path.to_owned(),
             message,
         };
-        let connection = UnixStream::connect(path).map_err(socket_error)?;
         let (hello, mut files): (HypervisorHello, Vec<Option<File>>) =
             handoff::receive(&connection).map_err(|error| handoff_error(error.to_string()))?;
         hello.check().map_err(handoff_error)?;

@@ -1,0 +1,5 @@
+//! Shared code for integration tests. Each test binary compiles this module
+//! on its own and uses only part of it, hence the blanket `dead_code` allow.
+#![allow(dead_code)]
+
+pub mod frontend;
