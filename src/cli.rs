@@ -17,6 +17,39 @@ pub struct Cli {
 pub enum Command {
     /// Serve a virtio-blk disk to a vhost-user frontend (e.g. QEMU's vhost-user-blk-pci).
     Blk(BlkArgs),
+    /// Serve hvisor zones from the virtio_bridge ring, in place of `hvisor virtio start`.
+    Hvisor(HvisorArgs),
+    /// Play hvisor's side for a daemon started with --hypervisor-socket, and drive every
+    /// configured device like a guest would (to try the hvisor path without hvisor).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HvisorArgs {
+    /// hvisor-tool's virtio_cfg.json, unchanged.
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Attach to a hypervisor played by another process on this Unix socket (the simulator,
+    /// the hvisor stand-in) instead of /dev/hvisor.
+    #[arg(long)]
+    pub hypervisor_socket: Option<PathBuf>,
+    /// Microseconds to busy-poll the request ring after the last request before sleeping;
+    /// 0 sleeps at once.
+    #[arg(long, default_value_t = 50)]
+    pub poll_us: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The virtio_cfg.json the daemon serves.
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Unix socket to listen on for the daemon's --hypervisor-socket.
+    #[arg(short, long)]
+    pub socket: PathBuf,
+    /// Write-and-verify rounds per blk device.
+    #[arg(long, default_value_t = 256)]
+    pub rounds: u32,
 }
 
 #[derive(Debug, Args)]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hvisor_vhost_blk::{BlkBackend, BlkError, Storage};
 use log::{info, warn};
 
-use crate::cli::{ArgsError, BlkServe, Cli, Command};
+use crate::cli::{ArgsError, BlkServe, Cli, Command, HvisorArgs, SimulateArgs};
 use crate::vhost_user::{ServeError, StopSignal};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +26,22 @@ pub enum Error {
     Serve(#[from] ServeError),
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    HvisorConfig(#[from] hvisor::config::ConfigError),
+    #[error(transparent)]
+    Hvisor(#[from] hvisor::server::ServerError),
+    #[error(transparent)]
+    Port(#[from] hvisor::port::PortError),
+    #[error("simulator: {0}")]
+    Simulator(String),
 }
 
 /// Runs the command the user asked for until it is stopped.
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Blk(args) => serve_blk(BlkServe::try_from(args)?),
+        Command::Hvisor(args) => serve_hvisor(args),
+        Command::Simulate(args) => simulate(args),
     }
 }
 
@@ -75,4 +85,50 @@ pub fn serve_blk(settings: BlkServe) -> Result<(), Error> {
     flush_disk(&backend);
     info!("stopped");
     Ok(())
+}
+
+/// Names the process `hvisor-virtio`, like hvisor-tool's daemon, so `pkill hvisor-virtio`
+/// keeps working.
+fn name_process_like_hvisor_tool() {
+    // SAFETY: PR_SET_NAME copies at most 16 bytes from a NUL-terminated string.
+    let ret = unsafe { libc::prctl(libc::PR_SET_NAME, c"hvisor-virtio".as_ptr()) };
+    if ret != 0 {
+        warn!(
+            "cannot set the process name: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Serves the zones of an hvisor-tool `virtio_cfg.json` until SIGINT or SIGTERM.
+pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
+    use hvisor::port::{DevHvisor, HypervisorPort, SocketPort};
+    let config = hvisor::config::VirtioConfig::from_file(&args.config)?;
+    let stop = StopSignal::new().map_err(Error::Signals)?;
+    vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
+    name_process_like_hvisor_tool();
+    let port: Arc<dyn HypervisorPort> = match &args.hypervisor_socket {
+        Some(path) => Arc::new(SocketPort::connect(path)?),
+        None => Arc::new(DevHvisor::open()?),
+    };
+    let poll = std::time::Duration::from_micros(args.poll_us);
+    let mut server = hvisor::server::Server::new(&config, port, poll)?;
+    server.run(&stop)?;
+    drop(server);
+    info!("stopped");
+    Ok(())
+}
+
+/// Plays hvisor for one daemon and exercises every configured device.
+pub fn simulate(args: SimulateArgs) -> Result<(), Error> {
+    let config = hvisor::config::VirtioConfig::from_file(&args.config)?;
+    let simulator = hvisor::simulator::Simulator::new(&config, true)
+        .map_err(|error| Error::Simulator(error.to_string()))?;
+    info!("waiting for a daemon on {}", args.socket.display());
+    simulator
+        .listen_and_attach(&args.socket)
+        .map_err(|error| Error::Simulator(format!("{}: {error}", args.socket.display())))?;
+    let result = hvisor::guest::exercise_all(&simulator, &config, args.rounds);
+    simulator.detach();
+    result.map_err(|error| Error::Simulator(error.to_string()))
 }

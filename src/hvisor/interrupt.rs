@@ -113,6 +113,11 @@ impl InterruptLine {
             !std::mem::replace(&mut state.asserted, true)
         };
         // Outside the lock: a full result ring must not stall the guest's status reads.
+        log::trace!(
+            "irq {} of zone {}: raise {bits:#x}, send {send}",
+            self.irq,
+            self.zone
+        );
         if send {
             self.injector.inject(self.zone, self.irq);
         }

@@ -350,6 +350,7 @@ where
     fn notify(&self, value: u64) {
         match self.kicks.get(value as usize) {
             Some(kick) if self.queues[value as usize].ready => {
+                log::trace!("{}: kick queue {value}", self.name);
                 if let Err(error) = kick.write(1) {
                     error!("{}: kicking queue {value}: {error}", self.name);
                 }
@@ -517,6 +518,9 @@ where
     }
 
     fn shutdown(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
         for (exit, handle) in self.workers.drain(..) {
             if let Err(error) = exit.write(1) {
                 error!("{}: cannot stop a queue worker: {error}", self.name);

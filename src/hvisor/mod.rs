@@ -7,11 +7,13 @@
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
 //! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
 //! - [`devices`]: which device crate serves which JSON type;
-//! - [`simulator`]: hvisor's side, played in software for tests and workstations.
+//! - [`simulator`]: hvisor's side, played in software for tests and workstations, and
+//!   [`guest`]: a virtio-mmio driver that plays a zone's guest over it.
 
 pub mod abi;
 pub mod config;
 pub mod devices;
+pub mod guest;
 pub mod handoff;
 pub mod interrupt;
 pub mod mmio;

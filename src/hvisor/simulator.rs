@@ -44,6 +44,10 @@ pub enum SimError {
     },
     #[error("request ring stayed full for {0:?}")]
     RingFull(Duration),
+    #[error("no interrupt within {0:?}")]
+    NoInterrupt(Duration),
+    #[error("zone {0} is not in the configuration")]
+    NoZone(u32),
 }
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<File> {
