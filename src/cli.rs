@@ -177,7 +177,9 @@ mod tests {
     fn blk(args: &[&str]) -> Result<BlkServe, String> {
         let cli = Cli::try_parse_from(["hvisor-vhost", "blk"].iter().chain(args))
             .map_err(|error| error.to_string())?;
-        let Command::Blk(args) = cli.command;
+        let Command::Blk(args) = cli.command else {
+            return Err("not the blk command".into());
+        };
         BlkServe::try_from(args).map_err(|error| error.to_string())
     }
 

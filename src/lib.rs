@@ -27,7 +27,7 @@ pub enum Error {
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
     #[error(transparent)]
-    HvisorConfig(#[from] hvisor::config::ConfigError),
+    HvisorConfig(Box<hvisor::config::ConfigError>),
     #[error(transparent)]
     Hvisor(#[from] hvisor::server::ServerError),
     #[error(transparent)]
@@ -100,10 +100,15 @@ fn name_process_like_hvisor_tool() {
     }
 }
 
+fn load_hvisor_config(path: &std::path::Path) -> Result<hvisor::config::VirtioConfig, Error> {
+    hvisor::config::VirtioConfig::from_file(path)
+        .map_err(|error| Error::HvisorConfig(Box::new(error)))
+}
+
 /// Serves the zones of an hvisor-tool `virtio_cfg.json` until SIGINT or SIGTERM.
 pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
     use hvisor::port::{DevHvisor, HypervisorPort, SocketPort};
-    let config = hvisor::config::VirtioConfig::from_file(&args.config)?;
+    let config = load_hvisor_config(&args.config)?;
     let stop = StopSignal::new().map_err(Error::Signals)?;
     vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
     name_process_like_hvisor_tool();
@@ -121,7 +126,7 @@ pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
 
 /// Plays hvisor for one daemon and exercises every configured device.
 pub fn simulate(args: SimulateArgs) -> Result<(), Error> {
-    let config = hvisor::config::VirtioConfig::from_file(&args.config)?;
+    let config = load_hvisor_config(&args.config)?;
     let simulator = hvisor::simulator::Simulator::new(&config, true)
         .map_err(|error| Error::Simulator(error.to_string()))?;
     info!("waiting for a daemon on {}", args.socket.display());
