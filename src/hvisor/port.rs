@@ -204,31 +204,39 @@ impl HypervisorPort for DevHvisor {
         ioctl_no_arg(&self.device, HVISOR_FINISH_REQ, 0).map(drop)
     }
 
+    // Only LoongArch's interrupt controller needs the line lowered by hand (hvisor-tool PR #111).
     #[cfg(target_arch = "loongarch64")]
     fn deassert_irq(&self, zone: u32, irq: u32) -> io::Result<()> {
-        #[repr(C)]
-        struct IrqLine {
-            zone_id: u32,
-            irq_id: u32,
-        }
-        let line = IrqLine {
-            zone_id: zone,
-            irq_id: irq,
-        };
-        // SAFETY: DEASSERT_IRQ reads one `hvisor_irq_line_args` (two u32) from the pointer,
-        // which points to `line`, alive for the call.
-        let ret = unsafe {
-            libc::ioctl(
-                self.device.as_raw_fd(),
-                super::abi::HVISOR_DEASSERT_IRQ as _,
-                &line as *const IrqLine,
-            )
-        };
-        if ret < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        deassert_irq_ioctl(&self.device, zone, irq)
+    }
+}
+
+/// `HVISOR_DEASSERT_IRQ`; compiled on every architecture so it is checked everywhere, called
+/// only on LoongArch.
+#[cfg_attr(not(target_arch = "loongarch64"), allow(dead_code))]
+fn deassert_irq_ioctl(device: &File, zone: u32, irq: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct IrqLine {
+        zone_id: u32,
+        irq_id: u32,
+    }
+    let line = IrqLine {
+        zone_id: zone,
+        irq_id: irq,
+    };
+    // SAFETY: DEASSERT_IRQ reads one `hvisor_irq_line_args` (two u32) from the pointer, which
+    // points to `line`, alive for the call.
+    let ret = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            super::abi::HVISOR_DEASSERT_IRQ as _,
+            &line as *const IrqLine,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
