@@ -2,15 +2,17 @@
 //! across frontend reconnects, until a stop is requested.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,8 @@ pub enum ServeError {
     },
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(vhost_user_backend::Error),
+    #[error("cannot register the device's own events: {0}")]
+    Events(io::Error),
     #[error("waiting for a frontend on {path}: {source}")]
     Poll { path: PathBuf, source: io::Error },
 }
@@ -97,6 +101,23 @@ pub fn stop_on_termination_signals(stop: Arc<StopSignal>) -> io::Result<()> {
     Ok(())
 }
 
+/// A vhost-user-backend worker's epoll set, offered to the device.
+struct HandlerRegistry<B: VhostUserBackend<Bitmap = ()>>(Arc<VringEpollHandler<B>>);
+
+impl<B> EventRegistry for HandlerRegistry<B>
+where
+    B: VhostUserBackend<Bitmap = ()> + Send + Sync,
+    B::Vring: Send + Sync,
+{
+    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()> {
+        self.0.register_listener(fd, events, data)
+    }
+
+    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()> {
+        self.0.unregister_listener(fd, events, data)
+    }
+}
+
 enum Wakeup {
     Frontend,
     Stop,
@@ -151,7 +172,7 @@ pub fn serve<B>(
     mut after_disconnect: impl FnMut(),
 ) -> Result<(), ServeError>
 where
-    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
     let mut listener = Listener::new(socket_path, true).map_err(|source| ServeError::Listen {
@@ -159,8 +180,13 @@ where
         source,
     })?;
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon =
-        VhostUserDaemon::new(name.to_owned(), backend, memory).map_err(ServeError::Daemon)?;
+    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
+        .map_err(ServeError::Daemon)?;
+    for (thread_id, handler) in daemon.get_epoll_handlers().into_iter().enumerate() {
+        backend
+            .attach_event_registry(thread_id, Arc::new(HandlerRegistry(handler)))
+            .map_err(ServeError::Events)?;
+    }
     info!("{name}: listening on {}", socket_path.display());
     let result = loop {
         match wait_for_frontend(&listener, stop) {

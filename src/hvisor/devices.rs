@@ -11,8 +11,6 @@ use super::config::{DeviceConfig, DeviceKind};
 use super::interrupt::InterruptLine;
 use super::mmio::{MmioDevice, MmioRegisters};
 
-/// virtio device ids (virtio 1.2, section 5).
-const VIRTIO_ID_BLOCK: u32 = 2;
 /// Queue size offered to hvisor guests; the C daemon offers 512 for blk.
 const BLK_QUEUE_SIZE: u16 = 512;
 
@@ -59,17 +57,17 @@ pub fn device_name(zone: u32, device: &DeviceConfig) -> String {
 
 fn start<B>(
     name: String,
-    device_id: u32,
     backend: B,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
     line: Arc<InterruptLine>,
 ) -> Result<Started, DeviceError>
 where
     B: vhost_user_backend::VhostUserBackend<Vring = vhost_user_backend::VringRwLock, Bitmap = ()>
+        + hvisor_vhost_device::VirtioDevice
         + Clone
         + 'static,
 {
-    let (device, calls) = MmioDevice::new(name.clone(), device_id, backend, memory, line)
+    let (device, calls) = MmioDevice::new(name.clone(), backend, memory, line)
         .map_err(|source| DeviceError::Start { name, source })?;
     Ok(Started {
         registers: Box::new(device),
@@ -105,13 +103,7 @@ pub fn create(
             .validate()
             .map_err(|error| blk_error(error.into()))?;
             let backend = BlkBackend::new(&config).map_err(|error| blk_error(error.into()))?;
-            start(
-                name.clone(),
-                VIRTIO_ID_BLOCK,
-                Arc::new(backend),
-                memory,
-                line,
-            )
+            start(name.clone(), Arc::new(backend), memory, line)
         }
         other => Err(DeviceError::Unavailable {
             name: name.clone(),

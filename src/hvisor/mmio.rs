@@ -11,7 +11,7 @@
 //! OR-ing stale bits, config accesses are bounded and masked to their size, and config
 //! writes reach the device.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -26,6 +26,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
 use super::interrupt::InterruptLine;
 
@@ -105,7 +107,7 @@ fn size_mask(size: u8) -> u64 {
 /// One virtio-mmio device serving `backend`.
 pub struct MmioDevice<B>
 where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static,
+    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
     name: String,
     device_id: u32,
@@ -126,13 +128,12 @@ where
 
 impl<B> MmioDevice<B>
 where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static,
+    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
     /// Sets up the queues and worker threads. Returns the device and, per queue, the call
     /// eventfd the interrupt thread must watch.
     pub fn new(
         name: String,
-        device_id: u32,
         backend: B,
         memory: GuestMemoryAtomic<GuestMemoryMmap>,
         line: Arc<InterruptLine>,
@@ -157,7 +158,7 @@ where
         }
         let mut device = MmioDevice {
             name,
-            device_id,
+            device_id: backend.device_type(),
             backend,
             memory,
             vrings,
@@ -183,6 +184,10 @@ where
                 .filter(|&queue| mask >> queue & 1 == 1)
                 .collect();
             let exit = EventFd::new(EFD_NONBLOCK)?;
+            let registry = Arc::new(WorkerRegistry {
+                epoll: Epoll::new()?,
+                num_queues: self.vrings.len() as u64,
+            });
             let worker = QueueWorker {
                 name: self.name.clone(),
                 backend: self.backend.clone(),
@@ -196,7 +201,9 @@ where
                     .map(|&queue| self.kicks[queue].clone())
                     .collect(),
                 exit: exit.try_clone()?,
+                registry: registry.clone(),
             };
+            self.backend.attach_event_registry(thread_id, registry)?;
             let handle = std::thread::Builder::new()
                 .name(format!("{}-q{thread_id}", self.name))
                 .spawn(move || worker.run())?;
@@ -470,7 +477,7 @@ where
 
 impl<B> MmioRegisters for MmioDevice<B>
 where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static,
+    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
     fn read(&mut self, offset: u64, size: u8) -> u64 {
         if offset >= reg::CONFIG {
@@ -536,14 +543,47 @@ where
 
 impl<B> Drop for MmioDevice<B>
 where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + Clone + 'static,
+    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-/// A worker thread: waits on its queues' kicks and runs the backend's `handle_event`.
+/// One worker thread's wait set, which the device may extend with its own descriptors.
+struct WorkerRegistry {
+    epoll: Epoll,
+    num_queues: u64,
+}
+
+impl WorkerRegistry {
+    fn control(
+        &self,
+        operation: ControlOperation,
+        fd: RawFd,
+        events: EventSet,
+        data: u64,
+    ) -> std::io::Result<()> {
+        // Lower values name queues and the exit event, as in vhost-user-backend.
+        if data <= self.num_queues {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.epoll.ctl(operation, fd, EpollEvent::new(events, data))
+    }
+}
+
+impl EventRegistry for WorkerRegistry {
+    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> std::io::Result<()> {
+        self.control(ControlOperation::Add, fd, events, data)
+    }
+
+    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> std::io::Result<()> {
+        self.control(ControlOperation::Delete, fd, events, data)
+    }
+}
+
+/// A worker thread: waits on its queues' kicks and the device's own descriptors, and runs the
+/// backend's `handle_event` for each.
 struct QueueWorker<B> {
     name: String,
     backend: B,
@@ -551,6 +591,7 @@ struct QueueWorker<B> {
     vrings: Vec<VringRwLock>,
     kicks: Vec<Arc<EventFd>>,
     exit: EventFd,
+    registry: Arc<WorkerRegistry>,
 }
 
 impl<B> QueueWorker<B>
@@ -567,8 +608,10 @@ where
     }
 
     fn serve(&self) -> std::io::Result<()> {
-        let epoll = Epoll::new()?;
-        let exit_token = self.kicks.len() as u64;
+        let epoll = &self.registry.epoll;
+        // Queue kicks use their position in this thread; the exit event uses `num_queues`,
+        // which devices may not use; device descriptors use values above it.
+        let exit_token = self.registry.num_queues;
         for (position, kick) in self.kicks.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -581,7 +624,7 @@ where
             self.exit.as_raw_fd(),
             EpollEvent::new(EventSet::IN, exit_token),
         )?;
-        let mut events = vec![EpollEvent::default(); self.kicks.len() + 1];
+        let mut events = vec![EpollEvent::default(); 32];
         loop {
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(ready) => ready,
@@ -589,23 +632,25 @@ where
                 Err(error) => return Err(error),
             };
             for event in &events[..ready] {
-                let position = event.data();
-                if position == exit_token {
+                let token = event.data();
+                if token == exit_token {
                     return Ok(());
                 }
-                let position = position as usize;
-                // Drained before serving, so a kick that arrives while we serve wakes us again.
-                let _ = self.kicks[position].read();
-                if !self.vrings[position].get_ref().is_enabled() {
-                    continue;
+                if let Some(kick) = self.kicks.get(token as usize) {
+                    // Drained before serving, so a kick that arrives meanwhile wakes us again.
+                    let _ = kick.read();
+                    if !self.vrings[token as usize].get_ref().is_enabled() {
+                        continue;
+                    }
                 }
-                if let Err(error) = self.backend.handle_event(
-                    position as u16,
-                    EventSet::IN,
-                    &self.vrings,
-                    self.thread_id,
-                ) {
-                    error!("{}: queue event failed: {error}", self.name);
+                let Some(events) = EventSet::from_bits(event.events) else {
+                    continue;
+                };
+                if let Err(error) =
+                    self.backend
+                        .handle_event(token as u16, events, &self.vrings, self.thread_id)
+                {
+                    error!("{}: event {token} failed: {error}", self.name);
                 }
             }
         }

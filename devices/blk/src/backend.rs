@@ -19,6 +19,8 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
+use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
+
 use crate::config::{Backing, BlkConfig};
 use crate::device::BlockDevice;
 use crate::queue::{RequestScratch, process_chain};
@@ -139,6 +141,12 @@ impl<S: Storage> BlkBackend<S> {
                 return Ok(());
             }
         }
+    }
+}
+
+impl<S: Storage> VirtioDevice for BlkBackend<S> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
     }
 }
 

@@ -1,0 +1,55 @@
+//! The little a transport needs from a device crate besides `VhostUserBackend`: the virtio
+//! device type, and a way for the device to watch its own file descriptors (a TAP, a PTY, a
+//! socket) from its queue worker threads, whichever transport runs those threads.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::EventSet;
+
+/// Adds and removes a device's own descriptors in one worker thread's wait set.
+///
+/// An event on a registered descriptor is delivered to the backend's `handle_event` on that
+/// thread with `device_event = data`. As in vhost-user-backend, `data` must be greater than the
+/// backend's number of queues (lower values name queues and the exit event).
+pub trait EventRegistry: Send + Sync {
+    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
+    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
+}
+
+/// A virtio device, as its transports see it.
+pub trait VirtioDevice {
+    /// The virtio device id (virtio 1.2, section 5): 1 net, 2 block, 3 console, 4 entropy.
+    fn device_type(&self) -> u32;
+
+    /// Called once per worker thread, before the driver can kick a queue, with that thread's
+    /// registry. Devices without descriptors of their own keep the default.
+    fn attach_event_registry(
+        &self,
+        thread_id: usize,
+        registry: Arc<dyn EventRegistry>,
+    ) -> io::Result<()> {
+        let _ = (thread_id, registry);
+        Ok(())
+    }
+}
+
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+
+    fn attach_event_registry(
+        &self,
+        thread_id: usize,
+        registry: Arc<dyn EventRegistry>,
+    ) -> io::Result<()> {
+        (**self).attach_event_registry(thread_id, registry)
+    }
+}
+
+pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+pub const VIRTIO_ID_RNG: u32 = 4;
