@@ -179,14 +179,6 @@ where
         path: socket_path.to_owned(),
         source,
     })?;
-    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
-        .map_err(ServeError::Daemon)?;
-    for (thread_id, handler) in daemon.get_epoll_handlers().into_iter().enumerate() {
-        backend
-            .attach_event_registry(thread_id, Arc::new(HandlerRegistry(handler)))
-            .map_err(ServeError::Events)?;
-    }
     info!("{name}: listening on {}", socket_path.display());
     let result = loop {
         match wait_for_frontend(&listener, stop) {
@@ -199,6 +191,20 @@ where
                 });
             }
         }
+        // A daemon per connection: vhost-user-backend keeps ownership and ring state in its
+        // handler, so a second frontend on the same daemon would be refused at SET_OWNER.
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend.clone(), memory) {
+            Ok(daemon) => daemon,
+            Err(error) => break Err(ServeError::Daemon(error)),
+        };
+        for (thread_id, handler) in daemon.get_epoll_handlers().into_iter().enumerate() {
+            if let Err(error) =
+                backend.attach_event_registry(thread_id, Arc::new(HandlerRegistry(handler)))
+            {
+                warn!("{name}: device events of thread {thread_id} not registered: {error}");
+            }
+        }
         if let Err(error) = daemon.start(&mut listener) {
             warn!("{name}: could not accept a frontend: {error}");
             continue;
@@ -207,14 +213,16 @@ where
         stop.set_connection(daemon.shutdown_handle());
         match daemon.wait() {
             Ok(()) => info!("{name}: frontend disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("{name}: frontend disconnected"),
             Err(error) => warn!("{name}: frontend connection ended: {error}"),
         }
         stop.set_connection(None);
+        // Sends each worker its exit event and joins it once its current batch is complete.
+        drop(daemon);
         after_disconnect();
     };
-    // Dropping the daemon sends each worker its exit event and joins it once its current
-    // batch of requests is complete.
-    drop(daemon);
     if let Err(error) = std::fs::remove_file(socket_path) {
         if error.kind() != io::ErrorKind::NotFound {
             error!("cannot remove socket {}: {error}", socket_path.display());

@@ -313,8 +313,10 @@ fn ring_wrap_round(driver: &mut VhostUserDriver, seed: u8, image: &Path) -> Resu
         }
     }
 
+    // Calls are not required: a fast backend may complete each request before the driver
+    // sleeps, and a missed call is caught by `wait_used` itself (MissedInterrupt).
     let stats = driver.stats(0).unwrap();
-    if stats.kicks + stats.suppressed_kicks != notifies || stats.kicks == 0 || stats.calls == 0 {
+    if stats.kicks + stats.suppressed_kicks != notifies || stats.kicks == 0 {
         return Err(format!("{notifies} notifies gave {stats:?}"));
     }
     let image = fs::read(image).unwrap();

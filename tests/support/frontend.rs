@@ -361,6 +361,7 @@ pub struct VhostUserDriver {
     queues: Vec<Virtqueue>,
     offered_features: u64,
     acked_features: u64,
+    offered_protocol_features: VhostUserProtocolFeatures,
     acked_protocol_features: VhostUserProtocolFeatures,
     event_idx: bool,
     indirect: bool,
@@ -462,6 +463,7 @@ impl VhostUserDriver {
             queues: Vec::with_capacity(config.num_queues),
             offered_features,
             acked_features,
+            offered_protocol_features: offered_protocol,
             acked_protocol_features,
             event_idx: config.event_idx,
             indirect: config.indirect,
@@ -570,6 +572,11 @@ impl VhostUserDriver {
     /// Feature bits sent in SET_FEATURES.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// Protocol features the backend offered in GET_PROTOCOL_FEATURES.
+    pub fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.offered_protocol_features
     }
 
     /// Protocol features sent in SET_PROTOCOL_FEATURES.

@@ -2,4 +2,5 @@
 //! on its own and uses only part of it, hence the blanket `dead_code` allow.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod frontend;

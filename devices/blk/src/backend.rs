@@ -36,8 +36,6 @@ use crate::virtio_blk::{
 pub enum BlkError {
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error("cannot create an exit event: {0}")]
-    ExitEvent(io::Error),
 }
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -52,7 +50,6 @@ pub struct BlkBackend<S = FileStorage> {
     /// Per-queue scratch. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
     workers: Vec<Mutex<RequestScratch>>,
-    exit_events: Vec<(EventConsumer, EventNotifier)>,
 }
 
 impl BlkBackend<FileStorage> {
@@ -68,10 +65,6 @@ impl BlkBackend<FileStorage> {
 
 impl<S: Storage> BlkBackend<S> {
     pub fn with_storage(storage: S, config: &BlkConfig) -> Result<Self, BlkError> {
-        let exit_events = (0..config.num_queues)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(BlkError::ExitEvent)?;
         Ok(BlkBackend {
             device: BlockDevice::new(storage, config.readonly, &config.serial),
             num_queues: config.num_queues,
@@ -79,7 +72,6 @@ impl<S: Storage> BlkBackend<S> {
             event_idx: AtomicBool::new(false),
             memory: RwLock::new(None),
             workers: (0..config.num_queues).map(|_| Mutex::default()).collect(),
-            exit_events,
         })
     }
 
@@ -244,14 +236,13 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exit_events.get(thread_index)?;
-        match (consumer.try_clone(), notifier.try_clone()) {
-            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
-            (Err(error), _) | (_, Err(error)) => {
-                warn!("cannot clone the exit event of thread {thread_index}: {error}");
-                None
-            }
-        }
+        // A fresh pair per call: each vhost-user connection gets its own worker threads, and a
+        // consumed exit event must not stop the next connection's workers.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .inspect_err(|error| {
+                warn!("cannot create the exit event of thread {thread_index}: {error}")
+            })
+            .ok()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -750,8 +750,14 @@ fn each_queue_has_its_own_thread_and_ring() {
     rig.kick(1);
     assert_eq!(rig.used_idx(1), 1);
     assert_eq!(rig.used_idx(0), 0);
-    assert!(rig.backend.exit_event(1).is_some());
-    assert!(rig.backend.exit_event(2).is_none());
+    let (consumer, notifier) = rig.backend.exit_event(1).unwrap();
+    let (other_consumer, _) = rig.backend.exit_event(1).unwrap();
+    notifier.notify().unwrap();
+    assert!(consumer.consume().is_ok());
+    assert!(
+        other_consumer.consume().is_err(),
+        "exit events must not be shared"
+    );
 }
 
 #[test]

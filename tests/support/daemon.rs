@@ -1,0 +1,110 @@
+//! A daemon under test: a child process with its output in a log file.
+//!
+//! [`Daemon`] kills and reaps the process when dropped, so a failing test
+//! never leaves it running, and prints the log if the test is panicking, so
+//! the failure report shows what the daemon said.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How often bounded waits look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawns `command` with stdin closed and stdout and stderr written to
+    /// `log` (created or truncated).
+    pub fn spawn(mut command: Command, log: &Path) -> Daemon {
+        let file = File::create(log)
+            .unwrap_or_else(|e| panic!("creating daemon log {}: {e}", log.display()));
+        let stdout = file.try_clone().expect("duplicating the log file handle");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+        Daemon {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill has no memory-safety preconditions. The child is not
+        // reaped before `wait_exit` or drop, so the pid is still ours.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            result,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still
+    /// running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits up to `timeout` for `path` to exist (e.g. a socket the daemon
+    /// binds once it is ready). Panics if the daemon exits or time runs out.
+    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
+                panic!(
+                    "daemon exited with {status} before creating {}",
+                    path.display()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear within {timeout:?}",
+                path.display()
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Everything the daemon has written so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<log unreadable: {e}>"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Errors mean the process already exited, which is what we want.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            // Goes through the test harness's capture, so it is shown only
+            // with the failing test's output.
+            eprintln!(
+                "--- log of {}:\n{}--- end of log",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
