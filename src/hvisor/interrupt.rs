@@ -1,6 +1,7 @@
 //! Interrupt delivery to zones: each device's InterruptStatus and line state, and the one
 //! path that puts interrupts into the result ring.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ pub struct Injector {
     port: Arc<dyn HypervisorPort>,
     /// Serializes result-ring producers (the C daemon's RES_MUTEX).
     results: Mutex<()>,
+    /// Set when the daemon stops: an interrupt still waiting for room is given up.
+    stopping: AtomicBool,
 }
 
 impl Injector {
@@ -27,7 +30,14 @@ impl Injector {
         Injector {
             port,
             results: Mutex::new(()),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Makes `inject` give up instead of waiting for room, so the daemon can stop while the
+    /// hypervisor side no longer drains the result ring.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     fn lock_results(&self) -> MutexGuard<'_, ()> {
@@ -55,6 +65,10 @@ impl Injector {
                 warn!("FINISH_REQ for irq {irq} of zone {zone} failed: {error}");
             }
             if pushed {
+                return;
+            }
+            if self.stopping.load(Ordering::Relaxed) {
+                warn!("stopping: irq {irq} of zone {zone} dropped, the result ring stayed full");
                 return;
             }
             if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {

@@ -10,7 +10,8 @@
 //! - [`simulator`]: hvisor's side, played in software for tests and workstations, and
 //!   [`guest`]: a virtio-mmio driver that plays a zone's guest over it.
 
-pub mod abi;
+pub use hvisor_bridge::{abi, ring, sync};
+
 pub mod config;
 pub mod devices;
 pub mod guest;
@@ -18,7 +19,5 @@ pub mod handoff;
 pub mod interrupt;
 pub mod mmio;
 pub mod port;
-pub mod ring;
 pub mod server;
 pub mod simulator;
-pub mod sync;

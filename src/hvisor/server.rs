@@ -89,6 +89,7 @@ impl LogLimiter {
 
 pub struct Server {
     port: Arc<dyn HypervisorPort>,
+    injector: Arc<Injector>,
     windows: Vec<Window>,
     poll: Duration,
     interrupts: Option<(EventFd, JoinHandle<()>)>,
@@ -156,6 +157,7 @@ impl Server {
             spawn_interrupt_thread(interrupt_sources).map_err(ServerError::Interrupts)?;
         Ok(Server {
             port,
+            injector,
             windows,
             poll,
             interrupts: Some(interrupts),
@@ -305,6 +307,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.injector.stop();
         for window in &mut self.windows {
             window.registers.shutdown();
         }

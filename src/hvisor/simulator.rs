@@ -84,8 +84,8 @@ pub struct Simulator {
     bridge: BridgeMapping,
     zones: Vec<SimulatedZone>,
     wakeup: EventFd,
-    /// hvisor's `req_lock`: request producers take turns.
-    request_lock: Mutex<()>,
+    /// hvisor's `req_lock`, guarding the producers' copy of `req_rear`.
+    request_lock: Mutex<u32>,
     interrupts: Mutex<VecDeque<DeviceRes>>,
     interrupt_arrived: Condvar,
     result_thread: Mutex<Option<(EventFd, JoinHandle<()>)>>,
@@ -143,7 +143,7 @@ impl Simulator {
             bridge,
             zones,
             wakeup: EventFd::new(EFD_NONBLOCK)?,
-            request_lock: Mutex::new(()),
+            request_lock: Mutex::new(0),
             interrupts: Mutex::new(VecDeque::new()),
             interrupt_arrived: Condvar::new(),
             result_thread: Mutex::new(None),
@@ -307,6 +307,24 @@ impl Simulator {
         )
     }
 
+    /// Publishes `request` as is, without waiting for an answer, and sends the wake-up if the
+    /// daemon asked for one: for requests `access` would not produce (a posted write where no
+    /// device is, a CPU id beyond the page). False when the ring is full.
+    pub fn publish_raw(&self, request: &DeviceReq) -> bool {
+        let hypervisor = HypervisorSide::new(self.bridge());
+        let pushed = {
+            let mut rear = self.lock(&self.request_lock);
+            hypervisor.try_push(&mut rear, request)
+        };
+        if pushed && hypervisor.needs_wakeup() {
+            self.stats.wakeups_sent.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = self.wakeup.write(1) {
+                warn!("simulator: wake-up failed: {error}");
+            }
+        }
+        pushed
+    }
+
     /// One trapped access of the vCPU on physical `cpu`: returns the value read (0 for
     /// writes). Synchronous accesses wait for the daemon's answer up to `timeout`.
     pub fn access(
@@ -338,8 +356,8 @@ impl Simulator {
         let mut backoff = 1u32;
         loop {
             let pushed = {
-                let _requests = self.lock(&self.request_lock);
-                hypervisor.try_push(&request)
+                let mut rear = self.lock(&self.request_lock);
+                hypervisor.try_push(&mut rear, &request)
             };
             if pushed {
                 break;

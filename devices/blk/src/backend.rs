@@ -15,10 +15,11 @@ use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use hvisor_vhost_device::config_space::read_config;
+use hvisor_vhost_device::exit::new_exit_event;
+use hvisor_vhost_device::queue::{QueueState, serve_queue};
 use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig};
@@ -99,8 +100,9 @@ impl<S: Storage> BlkBackend<S> {
         memory.as_ref().map(GuestMemoryAtomic::memory)
     }
 
-    /// Serves every available request of one queue, re-checking after notifications are
-    /// re-enabled so a request that raced with the re-enable is not left behind.
+    /// Serves every available request of one queue; `serve_queue` re-checks after
+    /// notifications are re-enabled, so a request that raced with the re-enable is not left
+    /// behind, and stops once the queue is stopped.
     fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
         let Some(mem) = self.guest_memory() else {
             warn!("queue {queue_index} kicked before guest memory was set; ignored");
@@ -110,10 +112,7 @@ impl<S: Storage> BlkBackend<S> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
+        serve_queue(vring, event_idx, || {
             let mut completed = 0usize;
             loop {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
@@ -126,13 +125,8 @@ impl<S: Storage> BlkBackend<S> {
                 }
                 completed += 1;
             }
-            if completed > 0 && vring.needs_notification().map_err(io::Error::other)? {
-                vring.signal_used_queue()?;
-            }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
+            Ok((completed, QueueState::Drained))
+        })
     }
 }
 
@@ -194,16 +188,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_bytes();
-        let start = (offset as usize).min(config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(config.len());
-        let mut reply = config[start..end].to_vec();
-        // The frontend rejects a reply shorter than it asked for; bytes past the config
-        // structure read as zero, like reserved fields.
-        reply.resize(size as usize, 0);
-        reply
+        read_config(&self.config_bytes(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -236,13 +221,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // A fresh pair per call: each vhost-user connection gets its own worker threads, and a
-        // consumed exit event must not stop the next connection's workers.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .inspect_err(|error| {
-                warn!("cannot create the exit event of thread {thread_index}: {error}")
-            })
-            .ok()
+        new_exit_event(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

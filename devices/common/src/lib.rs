@@ -53,3 +53,11 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 pub const VIRTIO_ID_RNG: u32 = 4;
+
+pub mod chain;
+pub mod config_space;
+pub mod exit;
+pub mod log_limit;
+pub mod queue;
+#[cfg(feature = "test-utils")]
+pub mod testing;

@@ -126,6 +126,11 @@ pub fn push_result(bridge: &VirtioBridge, result: DeviceRes) -> bool {
 
 /// The hypervisor's side of the protocol, as hvisor's `virtio_trampoline.rs` does it. Callers
 /// serialize request producers (hvisor's `req_lock`) and result consumers (its `res_lock`).
+///
+/// Request producers keep `req_rear` in the state their lock protects, rather than re-reading
+/// it from the page as hvisor does: only producers write it, under that lock, so the value is
+/// the same. (It also keeps loom 0.7.3 able to see a consumer that reads a slot without its
+/// acquire fence: loom misses that race when the writer loaded the index it then publishes.)
 pub struct HypervisorSide<'a> {
     bridge: &'a VirtioBridge,
 }
@@ -148,17 +153,23 @@ impl<'a> HypervisorSide<'a> {
         self.bridge.cfg_values[cpu].load(Ordering::Relaxed)
     }
 
-    /// Publishes a request; false when the ring is full.
-    pub fn try_push(&self, request: &DeviceReq) -> bool {
-        let rear = self.bridge.req_rear.load(Ordering::Relaxed) & (MAX_REQ - 1);
+    /// The producers' copy of `req_rear`, to keep under their lock; read once at start-up.
+    pub fn request_rear(&self) -> u32 {
+        self.bridge.req_rear.load(Ordering::Relaxed) & (MAX_REQ - 1)
+    }
+
+    /// Publishes a request; false when the ring is full. `rear` is the producers' copy of
+    /// `req_rear` (see [`HypervisorSide::request_rear`]), advanced on success.
+    pub fn try_push(&self, rear: &mut u32, request: &DeviceReq) -> bool {
+        let current = *rear & (MAX_REQ - 1);
         let front = self.bridge.req_front.load(Ordering::Relaxed) & (MAX_REQ - 1);
         // Acquire: pairs with the daemon's release store of `req_front`; it has finished
         // reading the slot we may now reuse.
         fence(Ordering::Acquire);
-        if ring_next(rear) == front {
+        if ring_next(current) == front {
             return false;
         }
-        let entry = &self.bridge.req_list[slot(rear)];
+        let entry = &self.bridge.req_list[slot(current)];
         entry.src_cpu.store(request.src_cpu, Ordering::Relaxed);
         entry.address.store(request.address, Ordering::Relaxed);
         entry.size.store(request.size, Ordering::Relaxed);
@@ -172,9 +183,8 @@ impl<'a> HypervisorSide<'a> {
             .store(u8::from(request.need_interrupt), Ordering::Relaxed);
         // Release: the slot is complete before the daemon can see the new rear.
         fence(Ordering::Release);
-        self.bridge
-            .req_rear
-            .store(ring_next(rear), Ordering::Relaxed);
+        *rear = ring_next(current);
+        self.bridge.req_rear.store(*rear, Ordering::Relaxed);
         true
     }
 
@@ -230,12 +240,13 @@ mod tests {
     fn requests_arrive_in_order_and_the_ring_holds_31() {
         let bridge = VirtioBridge::default();
         let hypervisor = HypervisorSide::new(&bridge);
+        let mut rear = hypervisor.request_rear();
         let mut consumer = RequestConsumer::new(&bridge);
         for n in 0..31 {
-            assert!(hypervisor.try_push(&request(n)), "slot {n}");
+            assert!(hypervisor.try_push(&mut rear, &request(n)), "slot {n}");
         }
         assert!(
-            !hypervisor.try_push(&request(99)),
+            !hypervisor.try_push(&mut rear, &request(99)),
             "the 32nd request must not fit"
         );
         for n in 0..31 {
@@ -244,7 +255,7 @@ mod tests {
         assert_eq!(consumer.pop(), None);
         // Indices wrap around.
         for n in 100..140 {
-            assert!(hypervisor.try_push(&request(n)));
+            assert!(hypervisor.try_push(&mut rear, &request(n)));
             assert_eq!(consumer.pop(), Some(request(n)));
         }
     }
@@ -258,7 +269,8 @@ mod tests {
         assert!(hypervisor.needs_wakeup());
         consumer.announce_awake();
         assert!(!hypervisor.needs_wakeup());
-        hypervisor.try_push(&request(1));
+        let mut rear = hypervisor.request_rear();
+        hypervisor.try_push(&mut rear, &request(1));
         assert!(!consumer.prepare_to_sleep());
         assert_eq!(bridge.need_wakeup.load(Ordering::Relaxed), 0);
         assert!(consumer.pop().is_some());
