@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use hvisor_vhost_blk::config::{DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, MAX_QUEUES};
 use hvisor_vhost_blk::{Backing, BlkConfig, ConfigError};
+use hvisor_vhost_console::{BackendConfig, ConsoleConfig};
+use hvisor_vhost_net::{MacAddress, NetConfig};
+use hvisor_vhost_rng::{DEFAULT_SOURCE, RateLimit, RngConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "hvisor-vhost", version, about, long_about = None)]
@@ -17,11 +20,74 @@ pub struct Cli {
 pub enum Command {
     /// Serve a virtio-blk disk to a vhost-user frontend (e.g. QEMU's vhost-user-blk-pci).
     Blk(BlkArgs),
+    /// Serve a virtio-net device backed by a TAP interface to a vhost-user frontend.
+    Net(NetArgs),
+    /// Serve a virtio-console (PTY, Unix socket or stdio) to a vhost-user frontend.
+    Console(ConsoleArgs),
+    /// Serve a virtio-rng entropy device to a vhost-user frontend (e.g. vhost-user-rng-pci).
+    Rng(RngArgs),
     /// Serve hvisor zones from the virtio_bridge ring, in place of `hvisor virtio start`.
     Hvisor(HvisorArgs),
     /// Play hvisor's side for a daemon started with --hypervisor-socket, and drive every
     /// configured device like a guest would (to try the hvisor path without hvisor).
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Unix socket to listen on; created (replacing a stale one) and removed on exit.
+    #[arg(short, long)]
+    pub socket_path: PathBuf,
+    /// TAP interface to attach to.
+    #[arg(long)]
+    pub tap: String,
+    /// Create the TAP if no interface of that name exists (needs CAP_NET_ADMIN).
+    #[arg(long)]
+    pub create_tap: bool,
+    /// MAC address the guest sees (aa:bb:cc:dd:ee:ff); derived from the TAP name if not given.
+    #[arg(long)]
+    pub mac: Option<MacAddress>,
+    /// RX/TX queue pairs, one thread and one TAP queue each (more than 1 offers MQ).
+    #[arg(long, default_value_t = 1)]
+    pub queue_pairs: u16,
+    /// Largest queue size offered to the driver (a power of two, at most 1024).
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Unix socket to listen on for the vhost-user frontend.
+    #[arg(short, long)]
+    pub socket_path: PathBuf,
+    /// Use a new pseudo-terminal (the default); its path is printed.
+    #[arg(long, conflicts_with_all = ["unix_socket", "stdio"])]
+    pub pty: bool,
+    /// Serve the console on this Unix socket, one client at a time (e.g. `socat - UNIX:PATH`).
+    #[arg(long, conflicts_with = "stdio")]
+    pub unix_socket: Option<PathBuf>,
+    /// Use this process's stdin and stdout.
+    #[arg(long)]
+    pub stdio: bool,
+    /// Append a copy of all guest output to this file.
+    #[arg(long)]
+    pub output_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RngArgs {
+    /// Unix socket to listen on; created (replacing a stale one) and removed on exit.
+    #[arg(short, long)]
+    pub socket_path: PathBuf,
+    /// Where the entropy comes from: a file, character device or FIFO.
+    #[arg(long, default_value = DEFAULT_SOURCE)]
+    pub source: PathBuf,
+    /// Bytes per second at most (no limit when not given).
+    #[arg(long)]
+    pub rate_limit: Option<u64>,
+    /// Bytes that may be served at once after a pause [default: one second's worth].
+    #[arg(long, requires = "rate_limit")]
+    pub burst: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +174,12 @@ pub enum ArgsError {
     SocketPathInvalid(PathBuf),
     #[error(transparent)]
     Blk(#[from] ConfigError),
+    #[error(transparent)]
+    Net(#[from] hvisor_vhost_net::ConfigError),
+    #[error(transparent)]
+    Console(#[from] hvisor_vhost_console::ConfigError),
+    #[error(transparent)]
+    Rng(#[from] hvisor_vhost_rng::ConfigError),
 }
 
 /// Where a vhost-user device listens.
@@ -168,6 +240,73 @@ impl TryFrom<BlkArgs> for BlkServe {
     }
 }
 
+/// A vhost-user device: where it listens and its validated settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Serve<C> {
+    pub socket: SocketPath,
+    pub device: C,
+}
+
+impl TryFrom<NetArgs> for Serve<NetConfig> {
+    type Error = ArgsError;
+
+    fn try_from(args: NetArgs) -> Result<Self, ArgsError> {
+        let device = NetConfig {
+            create_tap: args.create_tap,
+            mac: args.mac,
+            queue_pairs: args.queue_pairs,
+            queue_size: args.queue_size,
+            ..NetConfig::tap(args.tap)
+        }
+        .validate()?;
+        Ok(Serve {
+            socket: SocketPath::try_from(args.socket_path)?,
+            device,
+        })
+    }
+}
+
+impl TryFrom<ConsoleArgs> for Serve<ConsoleConfig> {
+    type Error = ArgsError;
+
+    fn try_from(args: ConsoleArgs) -> Result<Self, ArgsError> {
+        let backend = match (args.unix_socket, args.stdio) {
+            (Some(path), _) => BackendConfig::UnixSocket(path),
+            (None, true) => BackendConfig::Stdio,
+            (None, false) => BackendConfig::Pty,
+        };
+        let device = ConsoleConfig {
+            backend,
+            output_log: args.output_log,
+        }
+        .validate()?;
+        Ok(Serve {
+            socket: SocketPath::try_from(args.socket_path)?,
+            device,
+        })
+    }
+}
+
+impl TryFrom<RngArgs> for Serve<RngConfig> {
+    type Error = ArgsError;
+
+    fn try_from(args: RngArgs) -> Result<Self, ArgsError> {
+        let rate_limit = args.rate_limit.map(|bytes_per_sec| RateLimit {
+            bytes_per_sec,
+            burst: args.burst.unwrap_or(bytes_per_sec),
+        });
+        let device = RngConfig {
+            source: args.source,
+            rate_limit,
+        }
+        .validate()?;
+        Ok(Serve {
+            socket: SocketPath::try_from(args.socket_path)?,
+            device,
+        })
+    }
+}
+
 const _: () = assert!(MAX_QUEUES <= 64 && MAX_QUEUE_SIZE <= 1024);
 
 #[cfg(test)]
@@ -181,6 +320,80 @@ mod tests {
             return Err("not the blk command".into());
         };
         BlkServe::try_from(args).map_err(|error| error.to_string())
+    }
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        Cli::try_parse_from(std::iter::once(&"hvisor-vhost").chain(args))
+            .map(|cli| cli.command)
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn net_console_and_rng_options_reach_their_configs() {
+        let Command::Net(args) = parse(&[
+            "net",
+            "-s",
+            "/tmp/n.sock",
+            "--tap",
+            "tap0",
+            "--mac",
+            "02:00:00:00:00:01",
+            "--queue-pairs",
+            "2",
+        ])
+        .unwrap() else {
+            panic!("not net");
+        };
+        let net = Serve::<NetConfig>::try_from(args).unwrap();
+        assert_eq!(net.device.mac, Some("02:00:00:00:00:01".parse().unwrap()));
+        assert_eq!(net.device.queue_pairs, 2);
+        assert!(parse(&["net", "-s", "/tmp/n.sock", "--tap", "tap0", "--mac", "zz"]).is_err());
+
+        let Command::Console(args) =
+            parse(&["console", "-s", "/tmp/c.sock", "--unix-socket", "/tmp/con"]).unwrap()
+        else {
+            panic!("not console");
+        };
+        let console = Serve::<ConsoleConfig>::try_from(args).unwrap();
+        assert_eq!(
+            console.device.backend,
+            BackendConfig::UnixSocket("/tmp/con".into())
+        );
+        assert!(parse(&["console", "-s", "/tmp/c.sock", "--stdio", "--pty"]).is_err());
+        let Command::Console(args) = parse(&["console", "-s", "/tmp/c.sock"]).unwrap() else {
+            panic!("not console");
+        };
+        assert_eq!(
+            Serve::<ConsoleConfig>::try_from(args)
+                .unwrap()
+                .device
+                .backend,
+            BackendConfig::Pty
+        );
+
+        let Command::Rng(args) =
+            parse(&["rng", "-s", "/tmp/r.sock", "--rate-limit", "1000"]).unwrap()
+        else {
+            panic!("not rng");
+        };
+        let rng = Serve::<RngConfig>::try_from(args).unwrap();
+        assert_eq!(
+            rng.device.rate_limit,
+            Some(RateLimit {
+                bytes_per_sec: 1000,
+                burst: 1000
+            })
+        );
+        assert!(
+            parse(&["rng", "-s", "/tmp/r.sock", "--burst", "5"]).is_err(),
+            "burst needs a rate limit"
+        );
+        let Command::Rng(args) = parse(&["rng", "-s", "/tmp/r.sock", "--rate-limit", "0"]).unwrap()
+        else {
+            panic!("not rng");
+        };
+        let error = Serve::<RngConfig>::try_from(args).unwrap_err().to_string();
+        assert!(error.contains("rate limit 0"), "{error}");
     }
 
     #[test]

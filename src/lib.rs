@@ -13,7 +13,13 @@ use std::sync::Arc;
 use hvisor_vhost_blk::{BlkBackend, BlkError, Storage};
 use log::{info, warn};
 
-use crate::cli::{ArgsError, BlkServe, Cli, Command, HvisorArgs, SimulateArgs};
+use hvisor_vhost_console::{ConsoleBackend, ConsoleConfig};
+use hvisor_vhost_device::VirtioDevice;
+use hvisor_vhost_net::{NetBackend, NetConfig};
+use hvisor_vhost_rng::{RngBackend, RngConfig};
+use vhost_user_backend::VhostUserBackend;
+
+use crate::cli::{ArgsError, BlkServe, Cli, Command, HvisorArgs, Serve, SimulateArgs, SocketPath};
 use crate::vhost_user::{ServeError, StopSignal};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +28,8 @@ pub enum Error {
     Args(#[from] ArgsError),
     #[error(transparent)]
     Blk(#[from] BlkError),
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Serve(#[from] ServeError),
     #[error("cannot set up signal handling: {0}")]
@@ -40,6 +48,31 @@ pub enum Error {
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Blk(args) => serve_blk(BlkServe::try_from(args)?),
+        Command::Net(args) => {
+            let settings = Serve::<NetConfig>::try_from(args)?;
+            let backend = NetBackend::new(&settings.device).map_err(boxed)?;
+            info!("net: TAP {}, MAC {}", settings.device.tap, backend.mac());
+            serve_on_socket("vhost-user-net", Arc::new(backend), &settings.socket, || {})
+        }
+        Command::Console(args) => {
+            let settings = Serve::<ConsoleConfig>::try_from(args)?;
+            let backend = ConsoleBackend::new(&settings.device).map_err(boxed)?;
+            if let Some(pty) = backend.pty_path() {
+                // On stdout too, so a script can pick it up.
+                println!("console: {}", pty.display());
+            }
+            serve_on_socket(
+                "vhost-user-console",
+                Arc::new(backend),
+                &settings.socket,
+                || {},
+            )
+        }
+        Command::Rng(args) => {
+            let settings = Serve::<RngConfig>::try_from(args)?;
+            let backend = RngBackend::new(&settings.device).map_err(boxed)?;
+            serve_on_socket("vhost-user-rng", Arc::new(backend), &settings.socket, || {})
+        }
         Command::Hvisor(args) => serve_hvisor(args),
         Command::Simulate(args) => simulate(args),
     }
@@ -51,6 +84,28 @@ fn flush_disk<S: Storage>(backend: &BlkBackend<S>) {
             warn!("flushing the disk failed: {error}");
         }
     }
+}
+
+fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Device(Box::new(error))
+}
+
+/// Serves `backend` on `socket` until SIGINT or SIGTERM.
+fn serve_on_socket<B>(
+    name: &str,
+    backend: B,
+    socket: &SocketPath,
+    after_disconnect: impl FnMut(),
+) -> Result<(), Error>
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    let stop = StopSignal::new().map_err(Error::Signals)?;
+    vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
+    vhost_user::serve(name, backend, socket.path(), &stop, after_disconnect)?;
+    info!("stopped");
+    Ok(())
 }
 
 /// Serves a block device over vhost-user until SIGINT or SIGTERM, then flushes it.
@@ -69,21 +124,17 @@ pub fn serve_blk(settings: BlkServe) -> Result<(), Error> {
         settings.blk.num_queues,
         settings.blk.queue_size,
     );
-    let stop = StopSignal::new().map_err(Error::Signals)?;
-    vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
     let after_disconnect = {
         let backend = backend.clone();
         move || flush_disk(&backend)
     };
-    vhost_user::serve(
+    serve_on_socket(
         "vhost-user-blk",
         backend.clone(),
-        settings.socket.path(),
-        &stop,
+        &settings.socket,
         after_disconnect,
     )?;
     flush_disk(&backend);
-    info!("stopped");
     Ok(())
 }
 

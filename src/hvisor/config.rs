@@ -82,9 +82,18 @@ pub enum DeviceKind {
         tap: String,
         mac: [u8; 6],
     },
-    Console,
-    /// Our extension; hvisor-tool has no rng device.
-    Rng,
+    /// A PTY, as in hvisor-tool, unless our optional `socket` names a Unix socket to serve
+    /// instead; our optional `log` receives a copy of the guest's output.
+    Console {
+        socket: Option<PathBuf>,
+        log: Option<PathBuf>,
+    },
+    /// Our extension (hvisor-tool has no rng device): optional `source` (default
+    /// `/dev/urandom`) and `rate_limit` in bytes per second.
+    Rng {
+        source: Option<PathBuf>,
+        rate_limit: Option<u64>,
+    },
 }
 
 /// Where in the file a problem is; displayed as
@@ -524,8 +533,17 @@ fn parse_device(
     let kind = match tag {
         KindTag::Blk => parse_blk(device, ctx)?,
         KindTag::Net => parse_net(device, ctx)?,
-        KindTag::Console => DeviceKind::Console,
-        KindTag::Rng => DeviceKind::Rng,
+        KindTag::Console => DeviceKind::Console {
+            socket: optional_path(device, "socket", ctx)?,
+            log: optional_path(device, "log", ctx)?,
+        },
+        KindTag::Rng => DeviceKind::Rng {
+            source: optional_path(device, "source", ctx)?,
+            rate_limit: device
+                .get("rate_limit")
+                .map(|value| unsigned(value, u64::MAX, || ctx.field("rate_limit")))
+                .transpose()?,
+        },
     };
     Ok(Some(DeviceConfig {
         index,
@@ -728,6 +746,20 @@ fn non_empty_string_field<'v>(
     Ok(text)
 }
 
+/// An optional, non-empty string naming a file.
+fn optional_path(
+    object: &Map<String, Value>,
+    key: &str,
+    ctx: Ctx,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if !object.contains_key(key) {
+        return Ok(None);
+    }
+    Ok(Some(PathBuf::from(non_empty_string_field(
+        object, key, ctx,
+    )?)))
+}
+
 fn u64_field(object: &Map<String, Value>, key: &str, ctx: Ctx) -> Result<u64, ConfigError> {
     unsigned(required(object, key, ctx)?, u64::MAX, || ctx.field(key))
 }
@@ -927,7 +959,10 @@ mod tests {
                         addr: 0xa00_3800,
                         len: 0x200,
                         irq: 76,
-                        kind: DeviceKind::Console,
+                        kind: DeviceKind::Console {
+                            socket: None,
+                            log: None,
+                        },
                     },
                 ],
             }],
@@ -973,7 +1008,10 @@ mod tests {
                     readonly: true,
                     serial: "disk-0".to_owned(),
                 },
-                &DeviceKind::Console,
+                &DeviceKind::Console {
+                    socket: None,
+                    log: None,
+                },
                 &DeviceKind::Net {
                     tap: "tap0".to_owned(),
                     mac: [0x00, 0x16, 0x3e, 0x10, 0x10, 0x10],
@@ -999,7 +1037,10 @@ mod tests {
                 addr: 0x1000_0000,
                 len: 0x1000,
                 irq: 33,
-                kind: DeviceKind::Rng,
+                kind: DeviceKind::Rng {
+                    source: None,
+                    rate_limit: None,
+                },
             }]
         );
     }

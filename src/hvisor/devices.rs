@@ -1,9 +1,13 @@
 //! Which device crate serves each JSON device type. Adding a device type means adding an arm
-//! here; the transport does not change.
+//! here (and its fields to `config`); the transport does not change.
 
 use std::sync::Arc;
 
 use hvisor_vhost_blk::{Backing, BlkBackend, BlkConfig};
+use hvisor_vhost_console::{BackendConfig, ConsoleBackend, ConsoleConfig};
+use hvisor_vhost_net::{MacAddress, NetBackend, NetConfig};
+use hvisor_vhost_rng::{DEFAULT_SOURCE, RateLimit, RngBackend, RngConfig};
+use log::info;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,12 +21,10 @@ const BLK_QUEUE_SIZE: u16 = 512;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("device {name}: {source}")]
-    Blk {
+    Backend {
         name: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("device {name}: device type {kind} is not available yet")]
-    Unavailable { name: String, kind: &'static str },
     #[error("device {name}: cannot start: {source}")]
     Start {
         name: String,
@@ -40,8 +42,8 @@ pub fn kind_name(kind: &DeviceKind) -> &'static str {
     match kind {
         DeviceKind::Blk { .. } => "blk",
         DeviceKind::Net { .. } => "net",
-        DeviceKind::Console => "console",
-        DeviceKind::Rng => "rng",
+        DeviceKind::Console { .. } => "console",
+        DeviceKind::Rng { .. } => "rng",
     }
 }
 
@@ -83,16 +85,16 @@ pub fn create(
     line: Arc<InterruptLine>,
 ) -> Result<Started, DeviceError> {
     let name = device_name(zone, device);
+    let backend_error = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Backend {
+        name: name.clone(),
+        source,
+    };
     match &device.kind {
         DeviceKind::Blk {
             img,
             readonly,
             serial,
         } => {
-            let blk_error = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Blk {
-                name: name.clone(),
-                source,
-            };
             let config = BlkConfig {
                 backing: Backing::Image(img.clone()),
                 readonly: *readonly,
@@ -101,13 +103,49 @@ pub fn create(
                 queue_size: BLK_QUEUE_SIZE,
             }
             .validate()
-            .map_err(|error| blk_error(error.into()))?;
-            let backend = BlkBackend::new(&config).map_err(|error| blk_error(error.into()))?;
+            .map_err(|error| backend_error(error.into()))?;
+            let backend = BlkBackend::new(&config).map_err(|error| backend_error(error.into()))?;
             start(name.clone(), Arc::new(backend), memory, line)
         }
-        other => Err(DeviceError::Unavailable {
-            name: name.clone(),
-            kind: kind_name(other),
-        }),
+        DeviceKind::Net { tap, mac } => {
+            let config = NetConfig {
+                mac: Some(MacAddress(*mac)),
+                ..NetConfig::tap(tap.clone())
+            }
+            .validate()
+            .map_err(|error| backend_error(error.into()))?;
+            let backend = NetBackend::new(&config).map_err(|error| backend_error(error.into()))?;
+            start(name.clone(), Arc::new(backend), memory, line)
+        }
+        DeviceKind::Console { socket, log } => {
+            let config = ConsoleConfig {
+                backend: socket
+                    .clone()
+                    .map_or(BackendConfig::Pty, BackendConfig::UnixSocket),
+                output_log: log.clone(),
+            }
+            .validate()
+            .map_err(|error| backend_error(error.into()))?;
+            let backend =
+                ConsoleBackend::new(&config).map_err(|error| backend_error(error.into()))?;
+            if let Some(pty) = backend.pty_path() {
+                info!(
+                    "{name}: console on {} (attach with `screen {}`)",
+                    pty.display(),
+                    pty.display()
+                );
+            }
+            start(name.clone(), Arc::new(backend), memory, line)
+        }
+        DeviceKind::Rng { source, rate_limit } => {
+            let config = RngConfig {
+                source: source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
+                rate_limit: rate_limit.map(RateLimit::per_second),
+            }
+            .validate()
+            .map_err(|error| backend_error(error.into()))?;
+            let backend = RngBackend::new(&config).map_err(|error| backend_error(error.into()))?;
+            start(name.clone(), Arc::new(backend), memory, line)
+        }
     }
 }
