@@ -54,6 +54,7 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 pub const VIRTIO_ID_RNG: u32 = 4;
 
+pub mod backend;
 pub mod chain;
 pub mod config_space;
 pub mod exit;

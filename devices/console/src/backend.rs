@@ -7,22 +7,18 @@ use std::io::{self, Write};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{
-    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le16,
-    Le32,
-};
+use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le16, Le32};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::chain::{Direction, Segment, collect_segments, read_stream, write_stream};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
@@ -477,7 +473,7 @@ pub struct ConsoleBackend {
     has_size: bool,
     pty_path: Option<PathBuf>,
     event_idx: AtomicBool,
-    memory: RwLock<Option<Memory>>,
+    memory: GuestMemorySlot,
 }
 
 impl ConsoleBackend {
@@ -525,7 +521,7 @@ impl ConsoleBackend {
                 chunk: vec![0; CHUNK],
             }),
             event_idx: AtomicBool::new(false),
-            memory: RwLock::new(None),
+            memory: GuestMemorySlot::default(),
         })
     }
 
@@ -541,11 +537,7 @@ impl ConsoleBackend {
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        let memory = self
-            .memory
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        memory.as_ref().map(GuestMemoryAtomic::memory)
+        self.memory.current()
     }
 
     fn config_space(&self) -> VirtioConsoleConfig {
@@ -592,10 +584,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn features(&self) -> u64 {
-        let mut features = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut features = COMMON_FEATURES;
         if self.has_size {
             features |= 1 << VIRTIO_CONSOLE_F_SIZE;
         }
@@ -607,10 +596,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        common_protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -631,10 +617,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn update_memory(&self, memory: Memory) -> io::Result<()> {
-        *self
-            .memory
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(memory);
+        self.memory.replace(memory);
         Ok(())
     }
 

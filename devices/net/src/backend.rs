@@ -11,7 +11,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -21,12 +21,13 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryMmap, Le16, Le32,
+    Address, ByteValued, Bytes, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap, Le16, Le32,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use hvisor_vhost_device::backend::{GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
@@ -211,7 +212,7 @@ pub struct NetBackend<T = Tap> {
     supports_ufo: bool,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
-    memory: RwLock<Option<Memory>>,
+    memory: GuestMemorySlot,
     stats: NetStats,
 }
 
@@ -262,7 +263,7 @@ impl<T: TapQueue> NetBackend<T> {
             supports_ufo,
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
-            memory: RwLock::new(None),
+            memory: GuestMemorySlot::default(),
             stats: NetStats::default(),
         })
     }
@@ -314,11 +315,7 @@ impl<T: TapQueue> NetBackend<T> {
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        let memory = self
-            .memory
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        memory.as_ref().map(GuestMemoryAtomic::memory)
+        self.memory.current()
     }
 
     /// Passes the offloads the driver accepts to the TAP, without UFO where the kernel
@@ -990,10 +987,7 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        common_protocol_features()
     }
 
     fn reset_device(&self) {
@@ -1029,10 +1023,7 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
     }
 
     fn update_memory(&self, memory: Memory) -> io::Result<()> {
-        *self
-            .memory
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(memory);
+        self.memory.replace(memory);
         Ok(())
     }
 

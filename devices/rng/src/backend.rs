@@ -3,20 +3,19 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
+use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::chain::{Direction, Segment, collect_segments};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
@@ -170,7 +169,7 @@ impl Worker {
 pub struct RngBackend {
     worker: Mutex<Worker>,
     event_idx: AtomicBool,
-    memory: RwLock<Option<Memory>>,
+    memory: GuestMemorySlot,
 }
 
 impl RngBackend {
@@ -200,7 +199,7 @@ impl RngBackend {
                 segments: Vec::new(),
             }),
             event_idx: AtomicBool::new(false),
-            memory: RwLock::new(None),
+            memory: GuestMemorySlot::default(),
         })
     }
 
@@ -211,11 +210,7 @@ impl RngBackend {
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        let memory = self
-            .memory
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        memory.as_ref().map(GuestMemoryAtomic::memory)
+        self.memory.current()
     }
 
     fn serve(&self, vring: &VringRwLock) {
@@ -273,10 +268,7 @@ impl VhostUserBackend for RngBackend {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        COMMON_FEATURES
     }
 
     fn acked_features(&self, features: u64) {
@@ -284,10 +276,7 @@ impl VhostUserBackend for RngBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        common_protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -300,10 +289,7 @@ impl VhostUserBackend for RngBackend {
     }
 
     fn update_memory(&self, memory: Memory) -> io::Result<()> {
-        *self
-            .memory
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(memory);
+        self.memory.replace(memory);
         Ok(())
     }
 

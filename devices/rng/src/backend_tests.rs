@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use hvisor_vhost_device::testing::{EpollRegistry, TestMemory, TestQueue, writable};
 use hvisor_vhost_device::{VIRTIO_ID_RNG, VirtioDevice};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use vmm_sys_util::epoll::EventSet;
 
