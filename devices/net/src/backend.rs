@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -359,50 +359,51 @@ impl<T: TapQueue> NetBackend<T> {
 
     /// Adds or removes the TAP's readable interest in the pair's worker wait set.
     fn set_rx_listening(&self, index: usize, state: &mut PairState, listen: bool) {
-        if state.rx_listening == listen {
+        let pair = &self.pairs[index];
+        let watch = (
+            pair.rx_watch.as_raw_fd(),
+            EventSet::IN,
+            self.tap_readable_event(),
+        );
+        self.set_tap_interest(index, watch, &mut state.rx_listening, listen, "read");
+    }
+
+    /// Adds or removes the TAP's writable interest (waiting for room after EAGAIN).
+    fn set_tx_waiting(&self, index: usize, state: &mut PairState, wait: bool) {
+        let pair = &self.pairs[index];
+        let watch = (
+            pair.tx_watch.as_raw_fd(),
+            EventSet::OUT,
+            self.tap_writable_event(),
+        );
+        self.set_tap_interest(index, watch, &mut state.tx_waiting, wait, "write");
+    }
+
+    /// Registers or unregisters `watch` (descriptor, events, event id) so that `current`
+    /// becomes `wanted`; `current` changes only when the registry accepted the change.
+    fn set_tap_interest(
+        &self,
+        index: usize,
+        (fd, events, data): (RawFd, EventSet, u16),
+        current: &mut bool,
+        wanted: bool,
+        what: &str,
+    ) {
+        if *current == wanted {
             return;
         }
-        let pair = &self.pairs[index];
-        let Some(registry) = self.registry(pair) else {
+        let Some(registry) = self.registry(&self.pairs[index]) else {
             warn!("queue pair {index}: no event registry attached; cannot watch the TAP");
             return;
         };
-        let (fd, data) = (
-            pair.rx_watch.as_raw_fd(),
-            u64::from(self.tap_readable_event()),
-        );
-        let result = if listen {
-            registry.register(fd, EventSet::IN, data)
+        let result = if wanted {
+            registry.register(fd, events, u64::from(data))
         } else {
-            registry.unregister(fd, EventSet::IN, data)
+            registry.unregister(fd, events, u64::from(data))
         };
         match result {
-            Ok(()) => state.rx_listening = listen,
-            Err(error) => warn!("queue pair {index}: cannot change TAP read interest: {error}"),
-        }
-    }
-
-    fn set_tx_waiting(&self, index: usize, state: &mut PairState, wait: bool) {
-        if state.tx_waiting == wait {
-            return;
-        }
-        let pair = &self.pairs[index];
-        let Some(registry) = self.registry(pair) else {
-            warn!("queue pair {index}: no event registry attached; cannot wait for the TAP");
-            return;
-        };
-        let (fd, data) = (
-            pair.tx_watch.as_raw_fd(),
-            u64::from(self.tap_writable_event()),
-        );
-        let result = if wait {
-            registry.register(fd, EventSet::OUT, data)
-        } else {
-            registry.unregister(fd, EventSet::OUT, data)
-        };
-        match result {
-            Ok(()) => state.tx_waiting = wait,
-            Err(error) => warn!("queue pair {index}: cannot change TAP write interest: {error}"),
+            Ok(()) => *current = wanted,
+            Err(error) => warn!("queue pair {index}: cannot change TAP {what} interest: {error}"),
         }
     }
 
