@@ -4,6 +4,7 @@
 //! transports; this crate holds the transports and the command line that joins the two.
 
 pub mod cli;
+mod frontend_relay;
 pub mod hvisor;
 pub mod vhost_user;
 

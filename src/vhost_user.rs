@@ -4,11 +4,14 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::frontend_relay;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -118,6 +121,40 @@ where
     }
 }
 
+/// A listener in the abstract socket namespace (no file to clean up), private to this
+/// process, where vhost-user-backend accepts the relayed connections.
+fn relay_listener() -> io::Result<(SocketAddr, Listener)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "hvisor-vhost-relay-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let address = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&address)?;
+    Ok((address, Listener::from(listener)))
+}
+
+/// Accepts the waiting frontend and starts relaying it to a connection on `relay_address`,
+/// which the daemon then accepts. `None` when the frontend left before it was accepted.
+fn accept_and_relay(
+    listener: &Listener,
+    relay_address: &SocketAddr,
+) -> io::Result<Option<std::thread::JoinHandle<()>>> {
+    let Some(frontend) = listener.accept().map_err(io::Error::other)? else {
+        return Ok(None);
+    };
+    let backend = UnixStream::connect_addr(relay_address)?;
+    let relay = std::thread::Builder::new()
+        .name("vhost-user-relay".into())
+        .spawn(move || {
+            if let Err(error) = frontend_relay::relay(frontend, backend) {
+                debug!("vhost-user relay ended: {error}");
+            }
+        })?;
+    Ok(Some(relay))
+}
+
 enum Wakeup {
     Frontend,
     Stop,
@@ -175,10 +212,16 @@ where
     B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
-    let mut listener = Listener::new(socket_path, true).map_err(|source| ServeError::Listen {
+    let listener = Listener::new(socket_path, true).map_err(|source| ServeError::Listen {
         path: socket_path.to_owned(),
         source,
     })?;
+    // vhost-user-backend accepts its connections here, from the relay of each frontend.
+    let (relay_address, mut relay_listener) =
+        relay_listener().map_err(|source| ServeError::Poll {
+            path: socket_path.to_owned(),
+            source,
+        })?;
     info!("{name}: listening on {}", socket_path.display());
     let result = loop {
         match wait_for_frontend(&listener, stop) {
@@ -205,8 +248,16 @@ where
                 warn!("{name}: device events of thread {thread_id} not registered: {error}");
             }
         }
-        if let Err(error) = daemon.start(&mut listener) {
-            warn!("{name}: could not accept a frontend: {error}");
+        let relay = match accept_and_relay(&listener, &relay_address) {
+            Ok(Some(relay)) => relay,
+            Ok(None) => continue,
+            Err(error) => {
+                warn!("{name}: could not accept a frontend: {error}");
+                continue;
+            }
+        };
+        if let Err(error) = daemon.start(&mut relay_listener) {
+            warn!("{name}: could not start serving the frontend: {error}");
             continue;
         }
         info!("{name}: frontend connected");
@@ -219,6 +270,9 @@ where
             Err(error) => warn!("{name}: frontend connection ended: {error}"),
         }
         stop.set_connection(None);
+        if relay.join().is_err() {
+            warn!("{name}: the frontend relay panicked");
+        }
         // Sends each worker its exit event and joins it once its current batch is complete.
         drop(daemon);
         after_disconnect();

@@ -28,6 +28,8 @@
 #   gt_backend_kill NAME [SIG]   signal (default TERM) a backend and reap it
 #   gt_backend_restart NAME      start the same command line again (stale socket file removed first)
 #   gt_backend_alive NAME        true if it is still running
+#   gt_at_exit CMD...            run CMD at teardown, after QEMU and the backends are stopped (last registered runs
+#                                first); for host state a case creates outside $W (network namespaces, helpers)
 #   gt_blk_backend NAME [hvisor-vhost blk options]   blk backend: hvisor-vhost, or qemu-storage-daemon if BACKEND=qsd
 #   gt_vhost_user_dev NAME DEVICE[,opts] [reconnect]  -chardev socket on NAME's socket + -device DEVICE,chardev=NAME
 #   gt_qemu_args ARGS...         extra QEMU arguments
@@ -132,6 +134,9 @@ gt_backend_kill() {
   printf '### %s: exited with status %s after SIG%s\n' "$(date +%T.%N | cut -c1-12)" "$st" "$sig" >> "$W/$name.log"
 }
 gt_backend_restart() { _gt_backend_spawn "$1"; }
+
+GT_AT_EXIT=()
+gt_at_exit() { GT_AT_EXIT+=("$(printf '%q ' "$@")"); }
 
 # gt_blk_backend NAME [--image F] [--readonly] [--serial S] [--num-queues N] [--queue-size N] [--size SZ]
 # Starts hvisor-vhost blk (default) or the reference qemu-storage-daemon (BACKEND=qsd) on $W/NAME.sock.
@@ -314,6 +319,7 @@ _gt_teardown() {
     p=${GT_BE_PID[$name]}
     [ -n "$p" ] && gt_backend_kill "$name" TERM >/dev/null 2>&1
   done
+  for ((p = ${#GT_AT_EXIT[@]} - 1; p >= 0; p--)); do eval "${GT_AT_EXIT[p]}"; done
   if [ -n "${GUEST_TEST_VERBOSE:-}" ] && [ -s "$W/serial.log" ]; then
     echo "  ---- serial log: $W/serial.log"; sed 's/^/  | /' "$W/serial.log"
   fi

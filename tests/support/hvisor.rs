@@ -66,8 +66,20 @@ pub struct BlkSpec {
     pub irq: u32,
 }
 
+/// A device of another type: where it sits, and the type's fields of its JSON entry, `"type"`
+/// included (e.g. `json!({"type": "rng", "source": "/dev/urandom"})`).
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    pub zone: u32,
+    pub addr: u64,
+    pub irq: u32,
+    pub fields: serde_json::Value,
+}
+
 pub struct RigOptions {
     pub devices: Vec<BlkSpec>,
+    /// Devices of other types, after the blk devices in their zone's list.
+    pub other_devices: Vec<DeviceSpec>,
     /// Routes FINISH_REQ through a [`ResultGate`] the test can pause.
     pub gated_results: bool,
     pub poll: Duration,
@@ -77,33 +89,52 @@ impl RigOptions {
     pub fn new(devices: &[BlkSpec]) -> Self {
         RigOptions {
             devices: devices.to_vec(),
+            other_devices: Vec::new(),
             gated_results: false,
             poll: hvisor_vhost::hvisor::server::DEFAULT_POLL,
         }
     }
 }
 
-/// The daemon's side of `virtio_cfg.json` for `devices`: one RAM window per zone, each zone
-/// mapped from its own place in root Linux's view but seen by its guest at [`RAM_BASE`].
-fn config_json(devices: &[BlkSpec], images: &[PathBuf]) -> String {
-    let mut zones: Vec<u32> = devices.iter().map(|device| device.zone).collect();
-    zones.dedup();
+/// The daemon's side of `virtio_cfg.json` for `devices` and `others`: one RAM window per zone,
+/// each zone mapped from its own place in root Linux's view but seen by its guest at
+/// [`RAM_BASE`].
+fn config_json(devices: &[BlkSpec], images: &[PathBuf], others: &[DeviceSpec]) -> String {
+    let blk = devices
+        .iter()
+        .zip(images)
+        .map(|(device, image)| DeviceSpec {
+            zone: device.zone,
+            addr: device.addr,
+            irq: device.irq,
+            fields: serde_json::json!({ "type": "blk", "img": image }),
+        });
+    let all: Vec<DeviceSpec> = blk.chain(others.iter().cloned()).collect();
+    let mut zones: Vec<u32> = Vec::new();
+    for device in &all {
+        if !zones.contains(&device.zone) {
+            zones.push(device.zone);
+        }
+    }
     let zones: Vec<serde_json::Value> = zones
         .iter()
         .map(|&zone| {
-            let devices: Vec<serde_json::Value> = devices
+            let devices: Vec<serde_json::Value> = all
                 .iter()
-                .zip(images)
-                .filter(|(device, _)| device.zone == zone)
-                .map(|(device, image)| {
-                    serde_json::json!({
-                        "type": "blk",
+                .filter(|device| device.zone == zone)
+                .map(|device| {
+                    let mut entry = serde_json::json!({
                         "addr": format!("{:#x}", device.addr),
                         "len": "0x200",
                         "irq": device.irq,
-                        "img": image,
                         "status": "enable",
-                    })
+                    });
+                    if let (Some(entry), Some(fields)) =
+                        (entry.as_object_mut(), device.fields.as_object())
+                    {
+                        entry.extend(fields.clone());
+                    }
+                    entry
                 })
                 .collect();
             serde_json::json!({
@@ -145,7 +176,7 @@ impl Rig {
             })
             .collect();
         let config = VirtioConfig::parse(
-            &config_json(&options.devices, &images),
+            &config_json(&options.devices, &images, &options.other_devices),
             Path::new("test.json"),
         )
         .expect("the test configuration is valid");

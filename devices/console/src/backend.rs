@@ -232,7 +232,10 @@ impl Console {
     ) -> io::Result<(usize, QueueState)> {
         let mut completed = 0;
         loop {
-            if !self.flush_backlog() {
+            // With a peer that cannot take the held output yet, new output must wait behind
+            // it. With no peer at all, new output joins the backlog (in order) until it is
+            // full, which `push_pending` reports.
+            if !self.flush_backlog() && self.endpoint.output_fd().is_some() {
                 return Ok((completed, QueueState::Blocked));
             }
             if let Some(mut pending) = self.pending_tx.take() {
