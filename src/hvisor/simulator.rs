@@ -325,6 +325,13 @@ impl Simulator {
         pushed
     }
 
+    /// Sends the wake-up IPI whatever `need_wakeup` says, as an operator would to rescue a
+    /// daemon that slept through a request (a lost wake-up). Not counted in `wakeups_sent`,
+    /// which counts only the wake-ups the protocol asked for.
+    pub fn kick_daemon(&self) -> io::Result<()> {
+        self.wakeup.write(1)
+    }
+
     /// One trapped access of the vCPU on physical `cpu`: returns the value read (0 for
     /// writes). Synchronous accesses wait for the daemon's answer up to `timeout`.
     pub fn access(

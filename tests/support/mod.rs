@@ -5,3 +5,4 @@
 pub mod daemon;
 pub mod frontend;
 pub mod hvisor;
+pub mod stress;
