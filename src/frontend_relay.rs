@@ -69,7 +69,9 @@ fn copy_replies(mut backend: UnixStream, frontend: &Mutex<UnixStream>) -> io::Re
 }
 
 fn lock(stream: &Mutex<UnixStream>) -> std::sync::MutexGuard<'_, UnixStream> {
-    stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    stream
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One message from the frontend: its header words, payload and descriptors.
@@ -142,7 +144,9 @@ fn forward_requests(
                 let index = message
                     .bytes
                     .get(HEADER_SIZE..HEADER_SIZE + 4)
-                    .map_or(0, |word| u32::from_le_bytes(word.try_into().expect("4 bytes")));
+                    .map_or(0, |word| {
+                        u32::from_le_bytes(word.try_into().expect("4 bytes"))
+                    });
                 early_enables.insert(index, message.bytes);
                 if needs_reply {
                     let mut reply = Vec::with_capacity(HEADER_SIZE + 8);
@@ -210,11 +214,17 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let late_enable = message(SET_VRING_ENABLE, VERSION_1, &enable);
         frontend
-            .send_with_fds(&[&late_enable[..]], &[std::os::fd::AsRawFd::as_raw_fd(&file)])
+            .send_with_fds(
+                &[&late_enable[..]],
+                &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+            )
             .unwrap();
         let mut received = vec![0u8; features.len()];
         backend.read_exact(&mut received).unwrap();
-        assert_eq!(received, features, "the early SET_VRING_ENABLE must wait for SET_FEATURES");
+        assert_eq!(
+            received, features,
+            "the early SET_VRING_ENABLE must wait for SET_FEATURES"
+        );
         let replayed = message(SET_VRING_ENABLE, VERSION_1, &enable);
         let mut received = vec![0u8; replayed.len()];
         backend.read_exact(&mut received).unwrap();
