@@ -101,6 +101,7 @@ pub fn create(
                 serial: serial.clone(),
                 num_queues: 1,
                 queue_size: BLK_QUEUE_SIZE,
+                ..BlkConfig::image(img.clone())
             }
             .validate()
             .map_err(|error| backend_error(error.into()))?;

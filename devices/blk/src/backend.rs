@@ -1,9 +1,16 @@
 //! The virtio-blk device as a `VhostUserBackend`: one worker thread per queue, no lock shared
 //! between queues on the data path.
+//!
+//! A kick makes the worker take every available request, start them all (one system call with
+//! io_uring), and answer completions in batches with one interrupt each (EVENT_IDX decides
+//! whether the driver wants it). Once the queue is dry and nothing is in flight, the worker may
+//! keep polling the ring for a short window before it re-enables notifications: a driver that
+//! keeps the disk busy then never has to kick, and an idle one costs one window per kick.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -19,13 +26,14 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::queue::{QueueState, serve_queue};
+use hvisor_vhost_device::queue::{has_available_buffers, queue_is_live};
 use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
-use crate::config::{Backing, BlkConfig};
-use crate::device::BlockDevice;
-use crate::queue::{RequestScratch, process_chain};
-use crate::storage::{FileStorage, OpenError, Storage};
+use crate::config::{Backing, BlkConfig, IoEngine};
+use crate::device::{BlockDevice, Status};
+use crate::queue::{DataPath, Inline, Reply, RequestScratch, complete, process_chain};
+use crate::storage::{FileStorage, IoBuffers, OpenError, Storage};
+use crate::uring::{Finished, UringPath};
 use crate::virtio_blk::{
     CONFIG_WRITEBACK_OFFSET, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -41,6 +49,69 @@ pub enum BlkError {
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
+fn kick_fd(vring: &VringRwLock) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    vring.get_ref().get_kick().as_ref().map(AsRawFd::as_raw_fd)
+}
+
+/// The data path of one queue.
+enum Engine {
+    Inline(Inline),
+    Uring(Box<UringPath>),
+}
+
+impl<S: Storage> DataPath<S> for Engine {
+    fn read(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        bufs: IoBuffers<'_>,
+        reply: Reply,
+    ) -> Option<Status> {
+        match self {
+            Engine::Inline(path) => path.read(device, sector, bufs, reply),
+            Engine::Uring(path) => path.read(device, sector, bufs, reply),
+        }
+    }
+
+    fn write(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        bufs: IoBuffers<'_>,
+        reply: Reply,
+    ) -> Option<Status> {
+        match self {
+            Engine::Inline(path) => path.write(device, sector, bufs, reply),
+            Engine::Uring(path) => path.write(device, sector, bufs, reply),
+        }
+    }
+
+    fn flush(&mut self, device: &BlockDevice<S>, reply: Reply) -> Option<Status> {
+        match self {
+            Engine::Inline(path) => DataPath::<S>::flush(path, device, reply),
+            Engine::Uring(path) => path.flush(device, reply),
+        }
+    }
+}
+
+/// What one queue's worker keeps between kicks, so that serving requests does not allocate.
+struct QueueWorker {
+    scratch: RequestScratch,
+    engine: Engine,
+    finished: Vec<Finished>,
+}
+
+#[cfg(test)]
+impl QueueWorker {
+    fn in_flight(&self) -> usize {
+        match &self.engine {
+            Engine::Inline(_) => 0,
+            Engine::Uring(path) => path.in_flight(),
+        }
+    }
+}
+
 /// A virtio-blk device over any [`Storage`].
 pub struct BlkBackend<S = FileStorage> {
     device: BlockDevice<S>,
@@ -48,16 +119,17 @@ pub struct BlkBackend<S = FileStorage> {
     queue_size: u16,
     event_idx: AtomicBool,
     memory: RwLock<Option<Memory>>,
-    /// Per-queue scratch. Each lock is taken only by its queue's worker, and by `stop_vring`
+    /// Per-queue state. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
-    workers: Vec<Mutex<RequestScratch>>,
+    workers: Vec<Mutex<QueueWorker>>,
+    poll_window: Duration,
 }
 
 impl BlkBackend<FileStorage> {
     /// Opens the backing store described by a validated config.
     pub fn new(config: &BlkConfig) -> Result<Self, BlkError> {
         let storage = match &config.backing {
-            Backing::Image(path) => FileStorage::open(path, config.readonly)?,
+            Backing::Image(path) => FileStorage::open(path, config.readonly, config.direct)?,
             Backing::Memory { size } => FileStorage::memory(*size)?,
         };
         Self::with_storage(storage, config)
@@ -66,13 +138,35 @@ impl BlkBackend<FileStorage> {
 
 impl<S: Storage> BlkBackend<S> {
     pub fn with_storage(storage: S, config: &BlkConfig) -> Result<Self, BlkError> {
+        let buffered = storage.buffered();
+        let async_fd = match config.io_engine {
+            IoEngine::IoUring => storage.async_fd(),
+            IoEngine::Sync => None,
+        };
+        let new_worker = |queue: u16| {
+            let new_path = |fd| UringPath::new(fd, buffered, config.queue_size);
+            let engine = match async_fd.map(new_path) {
+                Some(Ok(path)) => Engine::Uring(Box::new(path)),
+                Some(Err(error)) => {
+                    warn!("queue {queue}: no io_uring ({error}); serving requests inline");
+                    Engine::Inline(Inline)
+                }
+                None => Engine::Inline(Inline),
+            };
+            Mutex::new(QueueWorker {
+                scratch: RequestScratch::default(),
+                engine,
+                finished: Vec::new(),
+            })
+        };
         Ok(BlkBackend {
             device: BlockDevice::new(storage, config.readonly, &config.serial),
             num_queues: config.num_queues,
             queue_size: config.queue_size,
             event_idx: AtomicBool::new(false),
             memory: RwLock::new(None),
-            workers: (0..config.num_queues).map(|_| Mutex::default()).collect(),
+            workers: (0..config.num_queues).map(new_worker).collect(),
+            poll_window: Duration::from_micros(u64::from(config.poll_us)),
         })
     }
 
@@ -100,33 +194,132 @@ impl<S: Storage> BlkBackend<S> {
         memory.as_ref().map(GuestMemoryAtomic::memory)
     }
 
-    /// Serves every available request of one queue; `serve_queue` re-checks after
-    /// notifications are re-enabled, so a request that raced with the re-enable is not left
-    /// behind, and stops once the queue is stopped.
+    /// Serves the queue until it is dry and no request is in flight, answering completions in
+    /// batches; then polls for `poll_window` (after real work only, so a stray kick costs
+    /// nothing) and, with EVENT_IDX, re-enables notifications and re-checks, so that a request
+    /// that raced with the re-enable is not left behind. A stopped queue takes no new request,
+    /// but the ones in flight are finished first: guest memory must stay mapped under them.
     fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
         let Some(mem) = self.guest_memory() else {
             warn!("queue {queue_index} kicked before guest memory was set; ignored");
             return Ok(());
         };
-        let mut scratch = self.workers[queue_index]
+        let mut worker = self.workers[queue_index]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let worker = &mut *worker;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        serve_queue(vring, event_idx, || {
+        let mut worked = false;
+        loop {
+            let live = queue_is_live(vring);
             let mut completed = 0usize;
-            loop {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let used_len = process_chain(&self.device, &mem, chain, &mut scratch);
-                if let Err(error) = vring.add_used(head, used_len) {
-                    warn!("queue {queue_index}: cannot return descriptor {head}: {error}");
-                    break;
+            if live {
+                if event_idx {
+                    vring.disable_notification().map_err(io::Error::other)?;
+                }
+                completed += self.start_available(vring, &mem, worker, queue_index);
+            }
+            if let Engine::Uring(path) = &mut worker.engine {
+                if path.in_flight() > 0 {
+                    path.submit()?;
+                    path.reap(&self.device, &mut worker.finished);
+                }
+            }
+            for done in worker.finished.drain(..) {
+                let used_len = complete(&mem, done.reply, done.status, done.written);
+                if let Err(error) = vring.add_used(done.reply.head, used_len) {
+                    warn!(
+                        "queue {queue_index}: cannot return descriptor {}: {error}",
+                        done.reply.head
+                    );
                 }
                 completed += 1;
             }
-            Ok((completed, QueueState::Drained))
-        })
+            if completed > 0 {
+                worked = true;
+                if vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if let Engine::Uring(path) = &mut worker.engine {
+                if path.in_flight() > 0 {
+                    if !path.has_completions() {
+                        // About to sleep on the disk: let the driver's next request wake us
+                        // too, so that the disk's queue refills without waiting for a
+                        // completion.
+                        let more = live
+                            && event_idx
+                            && vring.enable_notification().map_err(io::Error::other)?;
+                        if !more {
+                            path.wait(live.then(|| kick_fd(vring)).flatten())?;
+                        }
+                    }
+                    continue;
+                }
+            }
+            if !live {
+                if let Engine::Uring(path) = &mut worker.engine {
+                    path.disarm_kick()?;
+                }
+                return Ok(());
+            }
+            if worked && self.poll(vring, &mem) {
+                continue;
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts every available request; returns how many were answered at once.
+    fn start_available(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        worker: &mut QueueWorker,
+        queue_index: usize,
+    ) -> usize {
+        let mut completed = 0;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let Some(used_len) = process_chain(
+                &self.device,
+                mem,
+                chain,
+                &mut worker.scratch,
+                &mut worker.engine,
+            ) else {
+                continue;
+            };
+            if let Err(error) = vring.add_used(head, used_len) {
+                warn!("queue {queue_index}: cannot return descriptor {head}: {error}");
+                break;
+            }
+            completed += 1;
+        }
+        completed
+    }
+
+    /// Spins for up to the poll window until the driver makes a buffer available; false when
+    /// none came (or the queue was stopped).
+    fn poll(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        if self.poll_window.is_zero() {
+            return false;
+        }
+        let deadline = Instant::now() + self.poll_window;
+        while Instant::now() < deadline {
+            if !queue_is_live(vring) {
+                return false;
+            }
+            if has_available_buffers(vring, mem) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 }
 
@@ -228,11 +421,12 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
         // The queue is already marked not ready, so once the worker's current batch is done it
         // takes no more requests: waiting for its lock waits for the in-flight ones.
         if let Some(worker) = self.workers.get(queue_index as usize) {
-            drop(
-                worker
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
+            let mut worker = worker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Engine::Uring(path) = &mut worker.engine {
+                path.disarm_kick()?;
+            }
         }
         Ok(())
     }

@@ -10,6 +10,21 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// One worker thread per queue, tracked in a 64-bit mask by vhost-user-backend.
 pub const MAX_QUEUES: u16 = 64;
+/// Default busy-poll window after a queue drains, as in cloud-hypervisor's vhost-user-block.
+pub const DEFAULT_POLL_US: u32 = 50;
+/// A longer window would keep a core spinning for a guest that has gone idle.
+pub const MAX_POLL_US: u32 = 1000;
+
+/// How a queue worker moves data between guest memory and the backing file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// One io_uring per queue: every request of a kick is submitted in one system call and runs
+    /// concurrently, which is what O_DIRECT images need to reach their queue depth.
+    #[default]
+    IoUring,
+    /// `preadv`/`pwritev` on the worker thread, one request after the other.
+    Sync,
+}
 
 /// What holds the disk's data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +51,11 @@ pub struct BlkConfig {
     pub serial: String,
     pub num_queues: u16,
     pub queue_size: u16,
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    pub direct: bool,
+    pub io_engine: IoEngine,
+    /// How long a worker keeps polling its queue after it ran dry, in microseconds (0: never).
+    pub poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +68,8 @@ pub enum ConfigError {
     QueueSize(u16),
     #[error("size {0} must be a non-zero multiple of 512 bytes")]
     MemorySize(u64),
+    #[error("poll-us {0} is above the limit of {MAX_POLL_US}")]
+    PollUs(u32),
 }
 
 impl BlkConfig {
@@ -59,6 +81,9 @@ impl BlkConfig {
             serial: String::new(),
             num_queues: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
+            direct: false,
+            io_engine: IoEngine::default(),
+            poll_us: DEFAULT_POLL_US,
         }
     }
 
@@ -83,6 +108,9 @@ impl BlkConfig {
         }
         if !self.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
             return Err(ConfigError::QueueSize(self.queue_size));
+        }
+        if self.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(self.poll_us));
         }
         if let Backing::Memory { size } = self.backing {
             if size == 0 || size % SECTOR_SIZE != 0 {
@@ -134,6 +162,11 @@ mod tests {
                 Err(ConfigError::MemorySize(size))
             );
         }
+        let poll = BlkConfig {
+            poll_us: MAX_POLL_US + 1,
+            ..base.clone()
+        };
+        assert_eq!(poll.validate(), Err(ConfigError::PollUs(MAX_POLL_US + 1)));
         let error = ConfigError::QueueSize(3).to_string();
         assert!(error.contains("queue-size 3"), "{error}");
     }

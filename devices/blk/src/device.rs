@@ -4,6 +4,7 @@
 //! guest can get wrong about sectors, lengths and permissions is checked here; everything it can
 //! get wrong about descriptor chains is checked in [`crate::queue`].
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::warn;
@@ -158,36 +159,56 @@ impl<S: Storage> BlockDevice<S> {
         }
     }
 
-    /// Reads `bufs.len()` bytes from `sector` into the buffers.
-    pub fn read(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
-        let Some(offset) = self.data_range("read", sector, bufs.len()) else {
-            return Status::IoError;
-        };
-        match self.storage.read_at(bufs, offset) {
+    /// The byte offset of a read of `len` bytes at `sector`, or the status that refuses it.
+    pub fn read_offset(&self, sector: u64, len: usize) -> Result<u64, Status> {
+        self.data_range("read", sector, len).ok_or(Status::IoError)
+    }
+
+    /// The byte offset of a write of `len` bytes at `sector`, or the status that refuses it.
+    pub fn write_offset(&self, sector: u64, len: usize) -> Result<u64, Status> {
+        if let Some(status) = self.refuse_if_readonly("write") {
+            return Err(status);
+        }
+        self.data_range("write", sector, len).ok_or(Status::IoError)
+    }
+
+    /// The status of a read or write whose transfer has ended with `result`.
+    pub fn transfer_status(
+        &self,
+        what: &str,
+        sector: u64,
+        len: usize,
+        result: io::Result<()>,
+    ) -> Status {
+        match result {
             Ok(()) => Status::Ok,
             Err(error) => {
-                warn!("read at sector {sector}, {} bytes: {error}", bufs.len());
+                warn!("{what} at sector {sector}, {len} bytes: {error}");
                 Status::IoError
             }
         }
     }
 
+    /// Reads `bufs.len()` bytes from `sector` into the buffers.
+    pub fn read(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
+        let offset = match self.read_offset(sector, bufs.len()) {
+            Ok(offset) => offset,
+            Err(status) => return status,
+        };
+        let result = self.storage.read_at(bufs, offset);
+        self.transfer_status("read", sector, bufs.len(), result)
+    }
+
     /// Writes the buffers at `sector`.
     pub fn write(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
-        if let Some(status) = self.refuse_if_readonly("write") {
-            return status;
-        }
-        let Some(offset) = self.data_range("write", sector, bufs.len()) else {
-            return Status::IoError;
+        let offset = match self.write_offset(sector, bufs.len()) {
+            Ok(offset) => offset,
+            Err(status) => return status,
         };
-        if let Err(error) = self.storage.write_at(bufs, offset) {
-            warn!("write at sector {sector}, {} bytes: {error}", bufs.len());
-            return Status::IoError;
-        }
-        if self.writeback() {
-            Status::Ok
-        } else {
-            self.flush()
+        let result = self.storage.write_at(bufs, offset);
+        match self.transfer_status("write", sector, bufs.len(), result) {
+            Status::Ok if !self.writeback() => self.flush(),
+            status => status,
         }
     }
 
@@ -265,7 +286,6 @@ impl<S: Storage> BlockDevice<S> {
 pub(crate) mod tests {
     use super::*;
     use crate::storage::FileStorage;
-    use std::io;
     use std::sync::atomic::AtomicUsize;
     use vm_memory::VolatileSlice;
 
@@ -274,6 +294,9 @@ pub(crate) mod tests {
         pub inner: FileStorage,
         pub fail: AtomicBool,
         pub flushes: AtomicUsize,
+        /// Lets io_uring reach the file: its transfers and flushes then bypass `fail` and
+        /// `flushes`.
+        pub async_io: bool,
     }
 
     impl FaultyStorage {
@@ -282,6 +305,7 @@ pub(crate) mod tests {
                 inner: FileStorage::memory(size).unwrap(),
                 fail: AtomicBool::new(false),
                 flushes: AtomicUsize::new(0),
+                async_io: false,
             }
         }
 
@@ -297,6 +321,13 @@ pub(crate) mod tests {
     impl Storage for FaultyStorage {
         fn size(&self) -> u64 {
             self.inner.size()
+        }
+        fn async_fd(&self) -> Option<std::os::fd::RawFd> {
+            self.async_io.then(|| self.inner.async_fd()).flatten()
+        }
+        /// With io_uring, claims O_DIRECT so that writes take the ring too.
+        fn buffered(&self) -> bool {
+            !self.async_io
         }
         fn logical_block_size(&self) -> u32 {
             self.inner.logical_block_size()

@@ -7,6 +7,7 @@
 //! - [`backend`]: queues, notifications, worker threads, config space;
 //! - [`queue`]: descriptor chains to validated requests;
 //! - [`device`]: request semantics (ranges, read-only, flush, discard) over a [`Storage`];
+//! - [`uring`]: the io_uring data path, which runs a kick's requests concurrently;
 //! - [`storage`]: image files, block devices and in-memory disks.
 
 pub mod backend;
@@ -14,8 +15,9 @@ pub mod config;
 pub mod device;
 pub mod queue;
 pub mod storage;
+pub mod uring;
 pub mod virtio_blk;
 
 pub use backend::{BlkBackend, BlkError};
-pub use config::{Backing, BlkConfig, ConfigError};
+pub use config::{Backing, BlkConfig, ConfigError, IoEngine};
 pub use storage::{FileStorage, Storage};

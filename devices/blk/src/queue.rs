@@ -68,6 +68,66 @@ enum RequestError {
     TooLong(usize),
 }
 
+/// Where a request's answer goes once its data has moved: what an engine that completes
+/// requests later must keep.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    pub head: u16,
+    pub status_addr: GuestAddress,
+}
+
+/// Moves the data of reads, writes and flushes: at once on the worker thread, or later.
+pub trait DataPath<S: Storage> {
+    /// Starts a read of `bufs.len()` bytes at `sector`. `Some(status)` when it is over already,
+    /// `None` when the engine answers `reply` later.
+    fn read(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        bufs: IoBuffers<'_>,
+        reply: Reply,
+    ) -> Option<Status>;
+    /// Starts a write, as `read`.
+    fn write(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        bufs: IoBuffers<'_>,
+        reply: Reply,
+    ) -> Option<Status>;
+    /// Starts a flush, which must not complete before the writes started earlier.
+    fn flush(&mut self, device: &BlockDevice<S>, reply: Reply) -> Option<Status>;
+}
+
+/// Serves every request on the worker thread with `preadv`/`pwritev`/`fdatasync`.
+pub struct Inline;
+
+impl<S: Storage> DataPath<S> for Inline {
+    fn read(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        mut bufs: IoBuffers<'_>,
+        _: Reply,
+    ) -> Option<Status> {
+        Some(device.read(sector, &mut bufs))
+    }
+
+    fn write(
+        &mut self,
+        device: &BlockDevice<S>,
+        sector: u64,
+        mut bufs: IoBuffers<'_>,
+        _: Reply,
+    ) -> Option<Status> {
+        Some(device.write(sector, &mut bufs))
+    }
+
+    fn flush(&mut self, device: &BlockDevice<S>, _: Reply) -> Option<Status> {
+        Some(device.flush())
+    }
+}
+
 /// Buffers reused by one queue worker, so that serving a request does not allocate.
 #[derive(Default)]
 pub struct RequestScratch {
@@ -226,12 +286,15 @@ fn written_len(len: usize) -> Result<u32, RequestError> {
     u32::try_from(len).map_err(|_| RequestError::TooLong(len))
 }
 
-/// Runs one framed request; returns its status and the data bytes written to the guest.
+/// Runs one framed request; returns its status and the data bytes written to the guest, or
+/// `None` when `data_path` answers it later.
 fn run_request<S: Storage>(
     device: &BlockDevice<S>,
     mem: &GuestMemoryMmap,
     scratch: &mut RequestScratch,
-) -> Result<(Status, u32), RequestError> {
+    data_path: &mut impl DataPath<S>,
+    reply: Reply,
+) -> Result<Option<(Status, u32)>, RequestError> {
     let RequestScratch {
         readable,
         writable,
@@ -252,21 +315,24 @@ fn run_request<S: Storage>(
             require_empty("read", "device-readable", payload_len)?;
             let mut bufs = IoBuffers::new(iovecs);
             gather(mem, writable, 0, &mut bufs)?;
-            let status = device.read(sector, &mut bufs);
-            let written = if status == Status::Ok { bufs.len() } else { 0 };
-            Ok((status, written_len(written)?))
+            let len = written_len(bufs.len())?;
+            Ok(data_path
+                .read(device, sector, bufs, reply)
+                .map(|status| (status, if status == Status::Ok { len } else { 0 })))
         }
         VIRTIO_BLK_T_OUT => {
             require_empty("write", "device-writable", writable_len)?;
             let mut bufs = IoBuffers::new(iovecs);
             gather(mem, readable, REQUEST_HEADER_SIZE as u64, &mut bufs)?;
-            Ok((device.write(sector, &mut bufs), 0))
+            Ok(data_path
+                .write(device, sector, bufs, reply)
+                .map(|status| (status, 0)))
         }
-        VIRTIO_BLK_T_FLUSH => Ok((device.flush(), 0)),
+        VIRTIO_BLK_T_FLUSH => Ok(data_path.flush(device, reply).map(|status| (status, 0))),
         VIRTIO_BLK_T_GET_ID => {
             let len = (writable_len as usize).min(SERIAL_LEN);
             write_stream(mem, writable, &device.id()[..len])?;
-            Ok((Status::Ok, written_len(len)?))
+            Ok(Some((Status::Ok, written_len(len)?)))
         }
         request_type @ (VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) => {
             let (kind, operation) = if request_type == VIRTIO_BLK_T_DISCARD {
@@ -289,22 +355,24 @@ fn run_request<S: Storage>(
                 read_stream(mem, readable, at, range.as_mut_slice())?;
                 ranges.push(range);
             }
-            Ok((device.apply_ranges(operation, ranges), 0))
+            Ok(Some((device.apply_ranges(operation, ranges), 0)))
         }
         other => {
             warn!("unsupported request type {other}");
-            Ok((Status::Unsupported, 0))
+            Ok(Some((Status::Unsupported, 0)))
         }
     }
 }
 
-/// Serves one descriptor chain and returns the used length to report for it.
+/// Serves one descriptor chain and returns the used length to report for it, or `None` when
+/// `data_path` took the request and answers it later (through [`complete`]).
 pub fn process_chain<S, M>(
     device: &BlockDevice<S>,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
     scratch: &mut RequestScratch,
-) -> u32
+    data_path: &mut impl DataPath<S>,
+) -> Option<u32>
 where
     S: Storage,
     M: std::ops::Deref,
@@ -318,15 +386,24 @@ where
         Ok(addr) => addr,
         Err(error) => {
             warn!("request at descriptor {head} dropped without status: {error}");
-            return 0;
+            return Some(0);
         }
     };
-    let (status, written) = run_request(device, mem, scratch).unwrap_or_else(|error| {
+    let reply = Reply { head, status_addr };
+    let outcome = run_request(device, mem, scratch, data_path, reply).unwrap_or_else(|error| {
         warn!("request at descriptor {head} failed: {error}");
-        (Status::IoError, 0)
+        Some((Status::IoError, 0))
     });
-    if let Err(error) = mem.write_obj(status.as_byte(), status_addr) {
-        warn!("request at descriptor {head}: cannot write status: {error}");
+    outcome.map(|(status, written)| complete(mem, reply, status, written))
+}
+
+/// Writes the status of a finished request; returns the used length to report for it.
+pub fn complete(mem: &GuestMemoryMmap, reply: Reply, status: Status, written: u32) -> u32 {
+    if let Err(error) = mem.write_obj(status.as_byte(), reply.status_addr) {
+        warn!(
+            "request at descriptor {}: cannot write status: {error}",
+            reply.head
+        );
         return 0;
     }
     written + 1

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +24,36 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 /// Linux caps one vectored call at `IOV_MAX` buffers; longer lists are sent in several calls.
 const IOV_MAX: usize = 1024;
+
+/// Alignment that satisfies O_DIRECT on every file system and block device (a page).
+const DIRECT_ALIGN: usize = 4096;
+
+/// One aligned page of a bounce buffer.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct AlignedPage([u8; DIRECT_ALIGN]);
+
+/// A zeroed buffer whose start is aligned for O_DIRECT, for the rare requests whose guest
+/// buffers are not (and for zero filling).
+struct BounceBuffer {
+    pages: Vec<AlignedPage>,
+    len: usize,
+}
+
+impl BounceBuffer {
+    fn zeroed(len: usize) -> Self {
+        BounceBuffer {
+            pages: vec![AlignedPage([0; DIRECT_ALIGN]); len.div_ceil(DIRECT_ALIGN)],
+            len,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the pages are contiguous `repr(C)` byte arrays holding at least `len` bytes,
+        // borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+}
 
 /// Guest buffers of one request, kept as the `iovec` list the kernel consumes.
 ///
@@ -70,6 +100,35 @@ impl<'a> IoBuffers<'a> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Hands the list to an asynchronous engine, leaving `spare` (cleared) in its place, so
+    /// that neither side allocates.
+    ///
+    /// The pointers in the returned list are valid only while the guest memory they came from
+    /// stays mapped; the engine must finish with them before it lets that borrow go.
+    pub(crate) fn swap_out(self, spare: &mut Vec<libc::iovec>) {
+        spare.clear();
+        std::mem::swap(self.iovecs, spare);
+    }
+
+    /// Rebuilds the list of a request that an asynchronous engine started, to finish it here.
+    ///
+    /// # Safety
+    /// Every entry of `iovecs` must point to guest memory that stays mapped and unaliased by
+    /// Rust references for `'a`, as `push` guarantees for the lists it built.
+    pub(crate) unsafe fn from_started(iovecs: &'a mut Vec<libc::iovec>) -> Self {
+        let len = iovecs.iter().map(|iov| iov.iov_len).sum();
+        IoBuffers {
+            iovecs,
+            len,
+            _guest_memory: PhantomData,
+        }
+    }
+
+    /// The list as the kernel reads it.
+    pub(crate) fn iovecs(&self) -> &[libc::iovec] {
+        self.iovecs
+    }
 }
 
 /// Drops the first `done` bytes from an iovec list after a short transfer.
@@ -89,7 +148,7 @@ fn advance(iovecs: &mut [libc::iovec], mut done: usize) -> &mut [libc::iovec] {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Direction {
+pub(crate) enum Direction {
     /// Disk to guest memory.
     Read,
     /// Guest memory to disk.
@@ -109,6 +168,16 @@ pub enum BackingKind {
 /// Offsets and lengths are in bytes; callers have checked them against [`Storage::size`].
 pub trait Storage: Send + Sync {
     fn size(&self) -> u64;
+    /// A descriptor on which an asynchronous engine may issue the same reads and writes as
+    /// `read_at`/`write_at`, with the same effect. `None` (the default) keeps every transfer on
+    /// `read_at`/`write_at`, e.g. for stores that are not a plain file.
+    fn async_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Whether transfers go through the host page cache (no O_DIRECT).
+    fn buffered(&self) -> bool {
+        true
+    }
     /// Logical block size the device reports (`blk_size`).
     fn logical_block_size(&self) -> u32;
     /// Physical block size, reported through the topology fields.
@@ -148,6 +217,8 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    /// Opened with O_DIRECT: unaligned guest buffers go through a bounce buffer.
+    direct: bool,
     kind: BackingKind,
     size: u64,
     logical_block_size: u32,
@@ -155,12 +226,13 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an image file or a block device.
-    pub fn open(path: &Path, readonly: bool) -> Result<Self, OpenError> {
+    /// Opens an image file or a block device, with O_DIRECT when `direct`.
+    pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Self, OpenError> {
+        let direct_flag = if direct { libc::O_DIRECT } else { 0 };
         let file = OpenOptions::new()
             .read(true)
             .write(!readonly)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | direct_flag)
             .open(path)
             .map_err(|source| OpenError::Open {
                 path: path.to_owned(),
@@ -199,6 +271,7 @@ impl FileStorage {
         }
         Ok(FileStorage {
             file,
+            direct,
             kind,
             size,
             logical_block_size: logical,
@@ -221,6 +294,7 @@ impl FileStorage {
         file.set_len(size).map_err(OpenError::Memory)?;
         Ok(FileStorage {
             file,
+            direct: false,
             kind: BackingKind::Memory,
             size,
             logical_block_size: 512,
@@ -243,45 +317,37 @@ impl FileStorage {
         bufs: &mut IoBuffers<'_>,
         offset: u64,
     ) -> io::Result<()> {
-        let mut offset = offset;
-        let mut pending: &mut [libc::iovec] = &mut bufs.iovecs[..];
-        while !pending.is_empty() {
-            let count = pending.len().min(IOV_MAX);
-            let file_offset = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-            // SAFETY: every iovec was built by `IoBuffers::push` from a live `VolatileSlice`
-            // whose borrow outlives `bufs`, and `advance` keeps each entry inside its buffer.
-            let done = unsafe {
-                match direction {
-                    Direction::Read => libc::preadv(
-                        self.file.as_raw_fd(),
-                        pending.as_ptr(),
-                        count as libc::c_int,
-                        file_offset,
-                    ),
-                    Direction::Write => libc::pwritev(
-                        self.file.as_raw_fd(),
-                        pending.as_ptr(),
-                        count as libc::c_int,
-                        file_offset,
-                    ),
-                }
-            };
-            if done < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
+        match transfer_vectored(self.file.as_raw_fd(), direction, bufs.iovecs, offset) {
+            Err(error) if self.direct && error.raw_os_error() == Some(libc::EINVAL) => {
+                // O_DIRECT refuses guest buffers that are not aligned for it; Linux guests never
+                // send those, firmware might. Moving through an aligned copy costs a copy but
+                // keeps the request valid.
+                self.transfer_bounced(direction, bufs, offset)
             }
-            if done == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("backing store ended at byte {offset}"),
-                ));
-            }
-            offset += done as u64;
-            pending = advance(pending, done as usize);
+            other => other,
+        }
+    }
+
+    /// Moves the data through an aligned buffer (after a transfer that may have been partial:
+    /// it is redone whole, which is harmless for reads and writes of the same bytes).
+    fn transfer_bounced(
+        &self,
+        direction: Direction,
+        bufs: &mut IoBuffers<'_>,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut bounce = BounceBuffer::zeroed(bufs.len());
+        let bytes = bounce.as_mut_slice();
+        if direction == Direction::Write {
+            copy_between(bufs.iovecs(), bytes, Direction::Write);
+        }
+        let mut single = vec![libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast(),
+            iov_len: bytes.len(),
+        }];
+        transfer_vectored(self.file.as_raw_fd(), direction, &mut single, offset)?;
+        if direction == Direction::Read {
+            copy_between(bufs.iovecs(), bytes, Direction::Read);
         }
         Ok(())
     }
@@ -322,7 +388,9 @@ impl FileStorage {
     /// The fallback for back ends that cannot deallocate or zero a range in place.
     fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: usize = 64 * 1024;
-        let zeroes = vec![0u8; CHUNK.min(len as usize)];
+        // Aligned, so that an O_DIRECT image takes it.
+        let mut zeroes = BounceBuffer::zeroed(CHUNK.min(len as usize));
+        let zeroes = zeroes.as_mut_slice();
         let mut done = 0u64;
         while done < len {
             let now = (len - done).min(zeroes.len() as u64) as usize;
@@ -346,6 +414,72 @@ impl FileStorage {
             Err(error) if is_unsupported(&error) => self.write_zero_bytes(offset, len),
             other => other,
         }
+    }
+}
+
+/// `preadv`/`pwritev` until every buffer is done, resuming after short transfers.
+fn transfer_vectored(
+    fd: RawFd,
+    direction: Direction,
+    iovecs: &mut [libc::iovec],
+    offset: u64,
+) -> io::Result<()> {
+    let mut offset = offset;
+    let mut pending: &mut [libc::iovec] = iovecs;
+    while !pending.is_empty() {
+        let count = pending.len().min(IOV_MAX);
+        let file_offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: every iovec was built by `IoBuffers::push` from a live `VolatileSlice` whose
+        // borrow outlives the call (or points into a live bounce buffer), and `advance` keeps
+        // each entry inside its buffer.
+        let done = unsafe {
+            match direction {
+                Direction::Read => {
+                    libc::preadv(fd, pending.as_ptr(), count as libc::c_int, file_offset)
+                }
+                Direction::Write => {
+                    libc::pwritev(fd, pending.as_ptr(), count as libc::c_int, file_offset)
+                }
+            }
+        };
+        if done < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if done == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("backing store ended at byte {offset}"),
+            ));
+        }
+        offset += done as u64;
+        pending = advance(pending, done as usize);
+    }
+    Ok(())
+}
+
+/// Copies between guest buffers and a bounce buffer of the same total length: into the bounce
+/// buffer before a write, out of it after a read.
+fn copy_between(iovecs: &[libc::iovec], bounce: &mut [u8], direction: Direction) {
+    let mut at = 0;
+    for iov in iovecs {
+        let guest = iov.iov_base.cast::<u8>();
+        let part = &mut bounce[at..at + iov.iov_len];
+        // SAFETY: each iovec names `iov_len` bytes of live guest memory (see `IoBuffers`), which
+        // cannot overlap the bounce buffer, a private allocation.
+        unsafe {
+            match direction {
+                Direction::Write => {
+                    std::ptr::copy_nonoverlapping(guest, part.as_mut_ptr(), part.len())
+                }
+                Direction::Read => std::ptr::copy_nonoverlapping(part.as_ptr(), guest, part.len()),
+            }
+        }
+        at += iov.iov_len;
     }
 }
 
@@ -386,6 +520,14 @@ fn block_device_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
 impl Storage for FileStorage {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn async_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
+    fn buffered(&self) -> bool {
+        !self.direct
     }
 
     fn logical_block_size(&self) -> u32 {
@@ -446,7 +588,7 @@ mod tests {
     fn storage_with(content: &[u8]) -> (tempfile::NamedTempFile, FileStorage) {
         let mut image = tempfile::NamedTempFile::new().unwrap();
         image.write_all(content).unwrap();
-        let storage = FileStorage::open(image.path(), false).unwrap();
+        let storage = FileStorage::open(image.path(), false, false).unwrap();
         (image, storage)
     }
 
@@ -472,6 +614,38 @@ mod tests {
         let mut back = vec![0u8; 512];
         storage.file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, replacement);
+    }
+
+    #[test]
+    fn direct_images_take_unaligned_buffers_through_a_bounce_buffer() {
+        let content: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8).collect();
+        let mut image = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        image.write_all(&content).unwrap();
+        let storage = match FileStorage::open(image.path(), false, true) {
+            Ok(storage) => storage,
+            // Some file systems (old tmpfs) refuse O_DIRECT altogether; nothing to test there.
+            Err(OpenError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                return;
+            }
+            Err(error) => panic!("{error}"),
+        };
+        let mut backing = vec![0u8; 4096 + 1];
+        let unaligned = &mut backing[1..];
+        let mut iovecs = Vec::new();
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut unaligned[..]));
+        storage.read_at(&mut bufs, 4096).unwrap();
+        assert_eq!(unaligned[..], content[4096..8192]);
+        unaligned.fill(0x3c);
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut unaligned[..]));
+        storage.write_at(&mut bufs, 8192).unwrap();
+        let mut back = vec![0u8; 4096];
+        std::fs::File::open(image.path())
+            .unwrap()
+            .read_exact_at(&mut back, 8192)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0x3c));
     }
 
     #[test]
@@ -535,22 +709,23 @@ mod tests {
 
     #[test]
     fn open_rejects_bad_images() {
-        let missing = FileStorage::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
+        let missing =
+            FileStorage::open(Path::new("/nonexistent/disk.img"), false, false).unwrap_err();
         assert!(
             missing.to_string().contains("/nonexistent/disk.img"),
             "{missing}"
         );
-        let directory = FileStorage::open(Path::new("/tmp"), true).unwrap_err();
+        let directory = FileStorage::open(Path::new("/tmp"), true, false).unwrap_err();
         assert!(
             matches!(directory, OpenError::NotFileOrBlockDevice { .. }),
             "{directory}"
         );
         let empty_image = tempfile::NamedTempFile::new().unwrap();
-        let empty = FileStorage::open(empty_image.path(), false).unwrap_err();
+        let empty = FileStorage::open(empty_image.path(), false, false).unwrap_err();
         assert!(matches!(empty, OpenError::Empty { .. }), "{empty}");
         let odd = tempfile::NamedTempFile::new().unwrap();
         odd.as_file().set_len(1000).unwrap();
-        let unaligned = FileStorage::open(odd.path(), false).unwrap_err();
+        let unaligned = FileStorage::open(odd.path(), false, false).unwrap_err();
         assert!(
             unaligned.to_string().contains("not a multiple of 512"),
             "{unaligned}"
