@@ -6,6 +6,7 @@
 //! Every malformed chain is answered with IOERR when a status byte can be written, and is
 //! returned with a used length of 0 (and a log line) when it cannot.
 
+use hvisor_vhost_device::chain::{self, Segment, stream_parts};
 use log::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::{
@@ -19,13 +20,6 @@ use crate::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-
-/// One non-empty descriptor buffer.
-#[derive(Clone, Copy, Debug)]
-struct Segment {
-    addr: GuestAddress,
-    len: u32,
-}
 
 /// Why a chain cannot be answered with a status byte.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +50,8 @@ enum RequestError {
         len: u64,
         side: &'static str,
     },
+    #[error("a header, range or ID buffer is outside guest memory: {0}")]
+    GuestMemory(GuestMemoryError),
     #[error("buffer {addr:#x}+{len} is outside guest memory: {source}")]
     OutsideMemory {
         addr: u64,
@@ -199,31 +195,6 @@ fn total_len(segments: &[Segment]) -> u64 {
     segments.iter().map(|segment| u64::from(segment.len)).sum()
 }
 
-/// The pieces of `segments` that cover stream bytes `skip..skip + len`, as
-/// (guest address, offset in the requested range, length).
-fn stream_parts(
-    segments: &[Segment],
-    skip: u64,
-    len: u64,
-) -> impl Iterator<Item = (GuestAddress, usize, usize)> + '_ {
-    let end = skip.saturating_add(len);
-    let mut stream_offset = 0u64;
-    segments.iter().filter_map(move |segment| {
-        let segment_start = stream_offset;
-        let segment_end = segment_start + u64::from(segment.len);
-        stream_offset = segment_end;
-        let from = segment_start.max(skip);
-        let to = segment_end.min(end);
-        (from < to).then(|| {
-            (
-                segment.addr.unchecked_add(from - segment_start),
-                (from - skip) as usize,
-                (to - from) as usize,
-            )
-        })
-    })
-}
-
 fn outside_memory(addr: GuestAddress, len: usize) -> impl FnOnce(GuestMemoryError) -> RequestError {
     move |source| RequestError::OutsideMemory {
         addr: addr.0,
@@ -239,11 +210,7 @@ fn read_stream(
     skip: u64,
     out: &mut [u8],
 ) -> Result<(), RequestError> {
-    for (addr, at, len) in stream_parts(segments, skip, out.len() as u64) {
-        mem.read_slice(&mut out[at..at + len], addr)
-            .map_err(outside_memory(addr, len))?;
-    }
-    Ok(())
+    chain::read_stream(mem, segments, skip, out).map_err(RequestError::GuestMemory)
 }
 
 /// Copies `data` to the start of the stream.
@@ -252,11 +219,7 @@ fn write_stream(
     segments: &[Segment],
     data: &[u8],
 ) -> Result<(), RequestError> {
-    for (addr, at, len) in stream_parts(segments, 0, data.len() as u64) {
-        mem.write_slice(&data[at..at + len], addr)
-            .map_err(outside_memory(addr, len))?;
-    }
-    Ok(())
+    chain::write_stream(mem, segments, data).map_err(RequestError::GuestMemory)
 }
 
 /// Adds stream bytes from `skip` to the end as guest buffers to `bufs`.
