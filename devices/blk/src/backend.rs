@@ -210,6 +210,9 @@ impl<S: Storage> BlkBackend<S> {
         let worker = &mut *worker;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut worked = false;
+        if let Engine::Uring(path) = &mut worker.engine {
+            path.new_round();
+        }
         loop {
             let live = queue_is_live(vring);
             let mut completed = 0usize;

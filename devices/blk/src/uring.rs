@@ -84,6 +84,11 @@ pub struct UringPath {
     /// a wait for completions.
     kick_armed: Option<(RawFd, u64)>,
     kick_polls: u64,
+    /// The kick poll fired in this round. The kick stays unconsumed: the transport reads it
+    /// (blocking, possibly from an event it collected already), so reading it here could
+    /// leave the transport blocked. A fired poll is therefore not re-armed before the next
+    /// round, or it would fire at once forever.
+    kick_fired: bool,
 }
 
 // SAFETY: the raw pointers in the slots' iovec lists are only dereferenced by the kernel while a
@@ -127,6 +132,7 @@ impl UringPath {
             deferred_flushes: VecDeque::with_capacity(usize::from(depth)),
             kick_armed: None,
             kick_polls: 0,
+            kick_fired: false,
         })
     }
 
@@ -266,9 +272,15 @@ impl UringPath {
         !self.ring.completion().is_empty()
     }
 
-    /// Sleeps until a request completes or, when `kick` is given, the driver kicks the queue.
+    /// Starts a round of serving the queue, after the transport consumed a kick.
+    pub fn new_round(&mut self) {
+        self.kick_fired = false;
+    }
+
+    /// Sleeps until a request completes or, when `kick` is given, the driver kicks the queue
+    /// (once per round).
     pub fn wait(&mut self, kick: Option<RawFd>) -> io::Result<()> {
-        if let Some(fd) = kick {
+        if let (Some(fd), false) = (kick, self.kick_fired) {
             self.arm_kick_poll(fd)?;
         }
         retry_interrupted(|| self.ring.submit_and_wait(1))
@@ -317,11 +329,12 @@ impl UringPath {
                 continue;
             }
             if tag & KICK_POLL != 0 {
-                if let Some((fd, armed_tag)) = self.kick_armed {
-                    if armed_tag == tag {
-                        self.kick_armed = None;
-                        drain_eventfd(fd);
-                    }
+                if self
+                    .kick_armed
+                    .is_some_and(|(_, armed_tag)| armed_tag == tag)
+                {
+                    self.kick_armed = None;
+                    self.kick_fired = true;
                 }
                 continue;
             }
@@ -348,24 +361,6 @@ fn retry_interrupted(mut call: impl FnMut() -> io::Result<usize>) -> io::Result<
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(error),
         }
-    }
-}
-
-/// Clears a kick eventfd, so that the next poll waits for the next kick. Checked first, since
-/// the transport may have consumed the kick already and a read could then block.
-fn drain_eventfd(fd: RawFd) {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, alive for the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
-    if ready == 1 && pollfd.revents & libc::POLLIN != 0 {
-        let mut count = 0u64;
-        // SAFETY: reads 8 bytes into `count`, alive for the call; an eventfd that is readable
-        // does not block.
-        unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
     }
 }
 

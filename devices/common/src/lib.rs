@@ -60,5 +60,5 @@ pub mod config_space;
 pub mod exit;
 pub mod log_limit;
 pub mod queue;
-#[cfg(feature = "test-utils")]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

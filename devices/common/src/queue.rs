@@ -65,3 +65,63 @@ pub fn has_available_buffers(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .is_ok_and(|avail| avail.0 != queue.next_avail())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{TestMemory, TestQueue, writable};
+
+    /// The re-check after notifications are re-enabled: a buffer the driver publishes while the
+    /// device is still serving (so it sends no kick: notifications are off) must be served by
+    /// another pass, not left until some later kick.
+    #[test]
+    fn a_buffer_published_during_a_batch_gets_another_pass() {
+        let memory = TestMemory::new(0x10_0000);
+        let mut queue = TestQueue::new(&memory, 0, 16, true);
+        queue.add_chain(&[writable(0x8000, 16)]);
+        let mut passes = 0;
+        let mut published_late = false;
+        serve_queue(&queue.vring.clone(), true, || {
+            passes += 1;
+            let mut served = 0;
+            loop {
+                // A statement of its own, so the ring's lock is released before `add_used`.
+                let chain = queue
+                    .vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(memory.mem);
+                let Some(chain) = chain else { break };
+                queue.vring.add_used(chain.head_index(), 0).unwrap();
+                served += 1;
+            }
+            if !published_late {
+                // The driver adds a buffer after the device's last look at the ring.
+                queue.add_chain(&[writable(0x9000, 16)]);
+                published_late = true;
+            }
+            Ok((served, QueueState::Drained))
+        })
+        .unwrap();
+        assert_eq!(passes, 2, "the late buffer needs exactly one more pass");
+        assert_eq!(queue.used_idx(), 2, "both buffers were served");
+    }
+
+    #[test]
+    fn a_stopped_queue_is_left_at_once() {
+        let memory = TestMemory::new(0x10_0000);
+        let mut queue = TestQueue::new(&memory, 0, 16, true);
+        queue.add_chain(&[writable(0x8000, 16)]);
+        queue.vring.set_queue_ready(false);
+        let mut passes = 0;
+        serve_queue(&queue.vring.clone(), true, || {
+            passes += 1;
+            Ok((0, QueueState::Drained))
+        })
+        .unwrap();
+        assert_eq!(
+            passes, 0,
+            "a stopped queue must not be served or re-checked"
+        );
+    }
+}
