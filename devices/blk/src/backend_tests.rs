@@ -5,8 +5,9 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
+use hvisor_vhost_device::testing::{Buffer, raw, readable, writable};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, Le32, Le64};
@@ -28,44 +29,6 @@ const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 const INDIRECT_TABLE: u64 = 0x4_0000;
 const STATUS_UNTOUCHED: u8 = 0xff;
-
-/// One direction and placement of a descriptor buffer.
-#[derive(Clone, Copy)]
-struct Buffer {
-    addr: u64,
-    len: u32,
-    writable: bool,
-}
-
-fn readable(addr: u64, len: u32) -> Buffer {
-    Buffer {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-fn writable(addr: u64, len: u32) -> Buffer {
-    Buffer {
-        addr,
-        len,
-        writable: true,
-    }
-}
-
-fn raw(buffer: Buffer, flags: u32, next: u16) -> RawDescriptor {
-    let direction = if buffer.writable {
-        VRING_DESC_F_WRITE
-    } else {
-        0
-    };
-    RawDescriptor::from(SplitDescriptor::new(
-        buffer.addr,
-        buffer.len,
-        (direction | flags) as u16,
-        next,
-    ))
-}
 
 /// A test rig: guest memory, one or more queues, and the backend under test.
 struct Rig {

@@ -77,7 +77,9 @@ pub fn writable(addr: u64, len: u32) -> Buffer {
     }
 }
 
-fn raw(buffer: Buffer, flags: u16, next: u16) -> RawDescriptor {
+/// The descriptor for `buffer` with `flags` (the `VRING_DESC_F_*` bits besides WRITE, as
+/// virtio-bindings defines them) and `next`, for chains a test lays out by hand.
+pub fn raw(buffer: Buffer, flags: u32, next: u16) -> RawDescriptor {
     let direction = if buffer.writable {
         VRING_DESC_F_WRITE
     } else {
@@ -86,7 +88,7 @@ fn raw(buffer: Buffer, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(
         buffer.addr,
         buffer.len,
-        direction | flags,
+        direction | flags as u16,
         next,
     ))
 }
@@ -99,7 +101,7 @@ fn linked(buffers: &[Buffer], first: u16) -> Vec<RawDescriptor> {
         .map(|(i, buffer)| {
             let index = first + i as u16;
             if i + 1 < buffers.len() {
-                raw(*buffer, VRING_DESC_F_NEXT, index + 1)
+                raw(*buffer, u32::from(VRING_DESC_F_NEXT), index + 1)
             } else {
                 raw(*buffer, 0, 0)
             }

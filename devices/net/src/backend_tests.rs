@@ -9,10 +9,11 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use hvisor_vhost_device::testing::{Buffer, raw, readable, writable};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -117,43 +118,6 @@ impl EventRegistry for FakeRegistry {
         entries.remove(position);
         Ok(())
     }
-}
-
-#[derive(Clone, Copy)]
-struct Buffer {
-    addr: u64,
-    len: u32,
-    writable: bool,
-}
-
-fn readable(addr: u64, len: u32) -> Buffer {
-    Buffer {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-fn writable(addr: u64, len: u32) -> Buffer {
-    Buffer {
-        addr,
-        len,
-        writable: true,
-    }
-}
-
-fn raw(buffer: Buffer, flags: u32, next: u16) -> RawDescriptor {
-    let direction = if buffer.writable {
-        VRING_DESC_F_WRITE
-    } else {
-        0
-    };
-    RawDescriptor::from(SplitDescriptor::new(
-        buffer.addr,
-        buffer.len,
-        (direction | flags) as u16,
-        next,
-    ))
 }
 
 const fn bit(feature: u32) -> u64 {
