@@ -150,7 +150,8 @@ pub struct BlkArgs {
     #[arg(long, default_value = "io-uring", value_parser = ["io-uring", "sync"])]
     pub io_engine: String,
     /// Microseconds a queue thread keeps polling its ring after it ran dry, before waiting for
-    /// a kick (0 disables; at most 1000). Spent only after a kick that brought work.
+    /// a kick (0 disables; at most 1000). Spent only after requests that completed without
+    /// waiting for the disk (page-cache hits, in-memory disks), whose driver is still awake.
     #[arg(long, default_value_t = DEFAULT_POLL_US)]
     pub poll_us: u32,
 }

@@ -138,7 +138,7 @@ gt_backend_restart() { _gt_backend_spawn "$1"; }
 GT_AT_EXIT=()
 gt_at_exit() { GT_AT_EXIT+=("$(printf '%q ' "$@")"); }
 
-# gt_blk_backend NAME [--image F] [--readonly] [--serial S] [--num-queues N] [--queue-size N] [--size SZ]
+# gt_blk_backend NAME [--image F] [--readonly] [--direct] [--serial S] [--num-queues N] [--queue-size N] [--size SZ]
 # Starts hvisor-vhost blk (default) or the reference qemu-storage-daemon (BACKEND=qsd) on $W/NAME.sock.
 # Sets GT_BLK_SERIAL to the serial the guest should see ("" when the backend cannot report one).
 gt_blk_backend() {
@@ -151,11 +151,12 @@ gt_blk_backend() {
     gt_backend "$name" "$sock" "${HVISOR_VHOST_BIN:?}" blk --socket-path "$sock" "$@"
     return
   fi
-  local image='' ro=0 nq=1 size=256M
+  local image='' ro=0 nq=1 size=256M cache=''
   while [ $# -gt 0 ]; do
     case $1 in
       --image) image=$2; shift 2;;
       --readonly) ro=1; shift;;
+      --direct) cache=,cache.direct=on; shift;;
       --serial) shift 2;;       # qsd has no serial option; it reports a fixed one (below)
       --num-queues) nq=$2; shift 2;;
       --queue-size) shift 2;;   # qsd: queue size is the frontend's choice
@@ -168,7 +169,7 @@ gt_blk_backend() {
   local rw=on bro=''
   [ "$ro" = 1 ] && { rw=off; bro=,read-only=on; }
   gt_backend "$name" "$sock" qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$image,aio=threads,discard=unmap$bro" \
+    --blockdev "driver=file,node-name=f0,filename=$image,aio=threads,discard=unmap$cache$bro" \
     --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$sock,writable=$rw,num-queues=$nq"
 }
 

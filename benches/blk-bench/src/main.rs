@@ -37,8 +37,8 @@ struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// A/B rounds per workload (each backend runs this many times, alternating).
-    #[arg(long, default_value_t = 2)]
+    /// Rounds per workload: each backend runs this many times, the order rotating per round.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Queue counts to test; each queue gets its own client thread.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -52,9 +52,9 @@ struct Args {
     /// Sides to run: host (fio), qsd, ours.
     #[arg(long, value_delimiter = ',', default_value = "host,qsd,ours")]
     sides: Vec<String>,
-    /// qemu-storage-daemon's `aio=` engine.
-    #[arg(long, default_value = "io_uring")]
-    qsd_aio: String,
+    /// qemu-storage-daemon's `aio=` engines; each runs as a side of its own.
+    #[arg(long, value_delimiter = ',', default_value = "io_uring,threads")]
+    qsd_aio: Vec<String>,
     /// Extra arguments for `hvisor-vhost blk`, e.g. `--ours-args=--poll-us=0`.
     #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
     ours_args: Vec<String>,
@@ -127,14 +127,23 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn mean(runs: &[Outcome]) -> Outcome {
-        let n = runs.len().max(1) as f64;
-        let sum = |field: fn(&Outcome) -> f64| runs.iter().map(field).sum::<f64>() / n;
+    /// The median of each field: the virtual disks this runs on have bimodal phases (the same
+    /// side's runs differ up to 2x), which a mean smears into both neighbours' results.
+    fn median(runs: &[Outcome]) -> Outcome {
+        let median = |field: fn(&Outcome) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(field).collect();
+            values.sort_by(f64::total_cmp);
+            match values.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => values[n / 2],
+                n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+            }
+        };
         Outcome {
-            iops: sum(|o| o.iops),
-            mib_per_s: sum(|o| o.mib_per_s),
-            p50_us: sum(|o| o.p50_us),
-            p99_us: sum(|o| o.p99_us),
+            iops: median(|o| o.iops),
+            mib_per_s: median(|o| o.mib_per_s),
+            p50_us: median(|o| o.p50_us),
+            p99_us: median(|o| o.p99_us),
         }
     }
 }
@@ -204,43 +213,65 @@ fn warm_page_cache(path: &Path) -> Result<(), Error> {
     }
 }
 
-fn ours_command(args: &Args, socket: &Path, queues: u16, direct: bool) -> Command {
-    let mut command = Command::new(&args.hvisor_vhost);
-    command
-        .arg("blk")
-        .arg("--socket-path")
-        .arg(socket)
-        .arg("--image")
-        .arg(&args.image)
-        .arg("--num-queues")
-        .arg(queues.to_string());
-    if direct {
-        command.arg("--direct");
-    }
-    command.args(args.ours_args.iter().filter(|arg| !arg.is_empty()));
-    command
+/// A daemon under test, started once per (mode, queue count) and driven by every workload.
+#[derive(Clone, Debug, PartialEq)]
+enum Backend {
+    /// qemu-storage-daemon with this `aio=` engine.
+    Qsd {
+        aio: String,
+    },
+    Ours,
 }
 
-fn qsd_command(args: &Args, socket: &Path, queues: u16, direct: bool) -> Command {
-    let mut blockdev = format!(
-        "driver=file,node-name=f0,filename={},aio={}",
-        args.image.display(),
-        args.qsd_aio
-    );
-    if direct {
-        blockdev.push_str(",cache.direct=on");
+impl Backend {
+    fn label(&self) -> String {
+        match self {
+            Backend::Qsd { aio } => format!("qsd aio={aio}"),
+            Backend::Ours => "hvisor-vhost".to_owned(),
+        }
     }
-    let export = format!(
-        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
-        socket.display()
-    );
-    let mut command = Command::new("qemu-storage-daemon");
-    command
-        .arg("--blockdev")
-        .arg(blockdev)
-        .arg("--export")
-        .arg(export);
-    command
+
+    fn command(&self, args: &Args, socket: &Path, queues: u16, direct: bool) -> Command {
+        match self {
+            Backend::Ours => {
+                let mut command = Command::new(&args.hvisor_vhost);
+                command
+                    .arg("blk")
+                    .arg("--socket-path")
+                    .arg(socket)
+                    .arg("--image")
+                    .arg(&args.image)
+                    .arg("--num-queues")
+                    .arg(queues.to_string());
+                if direct {
+                    command.arg("--direct");
+                }
+                command.args(args.ours_args.iter().filter(|arg| !arg.is_empty()));
+                command
+            }
+            Backend::Qsd { aio } => {
+                let mut blockdev = format!(
+                    "driver=file,node-name=f0,filename={},aio={aio}",
+                    args.image.display()
+                );
+                if direct {
+                    blockdev.push_str(",cache.direct=on");
+                }
+                let export = format!(
+                    "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
+                     writable=on,num-queues={queues}",
+                    socket.display()
+                );
+                let mut command = Command::new("qemu-storage-daemon");
+                command
+                    .arg("--blockdev")
+                    .arg(blockdev)
+                    .arg("--export")
+                    .arg(export);
+                command
+            }
+        }
+    }
 }
 
 /// A pointer into the shared memory region, handed to one client thread.
@@ -498,13 +529,23 @@ struct Row {
     queues: u16,
     workload: Workload,
     host: Option<Outcome>,
-    qsd: Vec<Outcome>,
-    ours: Vec<Outcome>,
+    /// Every run of each backend, in the order of the backend list.
+    runs: Vec<Vec<Outcome>>,
 }
+
+impl Row {
+    fn median(&self, backend: usize) -> Option<Outcome> {
+        let runs = &self.runs[backend];
+        (!runs.is_empty()).then(|| Outcome::median(runs))
+    }
+}
+
+const CELL: usize = 31;
+const RATIO: usize = 7;
 
 fn cell(outcome: Option<Outcome>, big_blocks: bool) -> String {
     match outcome {
-        None => format!("{:>31}", "-"),
+        None => format!("{:>CELL$}", "-"),
         Some(o) if big_blocks => format!(
             "{:>8.0} MiB/s {:>7.0} {:>8.0}",
             o.mib_per_s, o.p50_us, o.p99_us
@@ -515,8 +556,8 @@ fn cell(outcome: Option<Outcome>, big_blocks: bool) -> String {
 
 fn ratio(numerator: Option<Outcome>, denominator: Option<Outcome>) -> String {
     match (numerator, denominator) {
-        (Some(a), Some(b)) if b.iops > 0.0 => format!("{:>6.2}", a.iops / b.iops),
-        _ => format!("{:>6}", "-"),
+        (Some(a), Some(b)) if b.iops > 0.0 => format!("{:>RATIO$.2}", a.iops / b.iops),
+        _ => format!("{:>RATIO$}", "-"),
     }
 }
 
@@ -527,40 +568,58 @@ fn spread(runs: &[Outcome]) -> String {
         .join("/")
 }
 
-fn render(mode: &str, rows: &[Row]) -> String {
+/// The table of one cache mode: a column per side, then ours over each other side.
+fn render(mode: &str, backends: &[Backend], rows: &[Row]) -> String {
+    let ours = backends.iter().position(|b| *b == Backend::Ours);
+    let others: Vec<usize> = (0..backends.len()).filter(|&i| Some(i) != ours).collect();
+    let short = |backend: &Backend| match backend {
+        Backend::Qsd { aio } => format!("/{}", aio.trim_start_matches("io_"))
+            .chars()
+            .take(RATIO)
+            .collect::<String>(),
+        Backend::Ours => "/ours".to_owned(),
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n[{mode}] mean of A/B runs; latency p50/p99 in us, submit to completion as the client sees it"
+        "\n[{mode}] median of the rounds; latency p50/p99 in us, submit to completion as the \
+         client sees it; ratios are ours over the side named"
     );
-    let _ = writeln!(
-        out,
-        "{:<18} {:>2} | {:^31} | {:^31} | {:^31} | {:>6} {:>6} | runs IOPS qsd ; ours",
-        "workload",
-        "q",
-        "host (fio io_uring)",
-        "qemu-storage-daemon",
-        "hvisor-vhost",
-        "ours/q",
-        "ours/h"
+    let mut header = format!(
+        "{:<18} {:>2} | {:^CELL$} |",
+        "workload", "q", "host (fio io_uring)"
     );
+    for backend in backends {
+        let _ = write!(header, " {:^CELL$} |", backend.label());
+    }
+    if ours.is_some() {
+        for &other in &others {
+            let _ = write!(header, " {:>RATIO$}", short(&backends[other]));
+        }
+        let _ = write!(header, " {:>RATIO$} |", "/host");
+    }
+    let _ = writeln!(header, " IOPS of each run");
+    out.push_str(&header);
     for row in rows {
         let big = row.workload.block_size >= 1 << 20;
-        let qsd = (!row.qsd.is_empty()).then(|| Outcome::mean(&row.qsd));
-        let ours = (!row.ours.is_empty()).then(|| Outcome::mean(&row.ours));
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "{:<18} {:>2} | {} | {} | {} | {} {} | {} ; {}",
+            "{:<18} {:>2} | {} |",
             row.workload.name,
             row.queues,
-            cell(row.host, big),
-            cell(qsd, big),
-            cell(ours, big),
-            ratio(ours, qsd),
-            ratio(ours, row.host),
-            spread(&row.qsd),
-            spread(&row.ours),
+            cell(row.host, big)
         );
+        for backend in 0..backends.len() {
+            let _ = write!(out, " {} |", cell(row.median(backend), big));
+        }
+        if let Some(ours) = ours {
+            for &other in &others {
+                let _ = write!(out, " {}", ratio(row.median(ours), row.median(other)));
+            }
+            let _ = write!(out, " {} |", ratio(row.median(ours), row.host));
+        }
+        let runs: Vec<String> = row.runs.iter().map(|runs| spread(runs)).collect();
+        let _ = writeln!(out, " {}", runs.join(" ; "));
     }
     out
 }
@@ -576,7 +635,17 @@ fn main() -> Result<(), Error> {
         .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
         .collect();
     let side = |name: &str| args.sides.iter().any(|s| s == name);
-    let mut report = String::new();
+    let mut backends = Vec::new();
+    if side("qsd") {
+        backends.extend(
+            args.qsd_aio
+                .iter()
+                .map(|aio| Backend::Qsd { aio: aio.clone() }),
+        );
+    }
+    if side("ours") {
+        backends.push(Backend::Ours);
+    }
     for mode in &args.modes {
         let direct = match mode.as_str() {
             "cached" => false,
@@ -586,26 +655,15 @@ fn main() -> Result<(), Error> {
         let mut rows = Vec::new();
         for &queues in &args.queues {
             let pid = std::process::id();
-            let ours_socket = args.socket_dir.join(format!("blk-bench-{pid}-ours.sock"));
-            let qsd_socket = args.socket_dir.join(format!("blk-bench-{pid}-qsd.sock"));
-            let ours = if side("ours") {
-                Some(Daemon::start(
-                    ours_command(&args, &ours_socket, queues, direct),
-                    ours_socket,
-                )?)
-            } else {
-                None
-            };
-            let qsd = if side("qsd") {
-                Some(Daemon::start(
-                    qsd_command(&args, &qsd_socket, queues, direct),
-                    qsd_socket,
-                )?)
-            } else {
-                None
-            };
-            for daemon in [&ours, &qsd].into_iter().flatten() {
+            let mut daemons = Vec::new();
+            for (index, backend) in backends.iter().enumerate() {
+                let socket = args
+                    .socket_dir
+                    .join(format!("blk-bench-{pid}-{index}.sock"));
+                let daemon =
+                    Daemon::start(backend.command(&args, &socket, queues, direct), socket)?;
                 verify_round_trip(&daemon.socket)?;
+                daemons.push(daemon);
             }
             for &workload in &workloads {
                 let host = if side("host") {
@@ -620,45 +678,34 @@ fn main() -> Result<(), Error> {
                     queues,
                     workload,
                     host,
-                    qsd: Vec::new(),
-                    ours: Vec::new(),
+                    runs: vec![Vec::new(); backends.len()],
                 };
                 for round in 0..args.rounds {
-                    // A/B order flips every round so neither side always runs first.
-                    let order: [(&Option<Daemon>, bool); 2] = if round % 2 == 0 {
-                        [(&ours, true), (&qsd, false)]
-                    } else {
-                        [(&qsd, false), (&ours, true)]
-                    };
-                    for (daemon, is_ours) in order {
-                        let Some(daemon) = daemon else { continue };
+                    // The order rotates every round, so that no side always runs first.
+                    for turn in 0..daemons.len() {
+                        let index = (turn + round) % daemons.len();
                         if !direct {
                             warm_page_cache(&args.image)?;
                         }
-                        let outcome = run_client(&daemon.socket, queues, workload, args.seconds)?;
+                        let outcome =
+                            run_client(&daemons[index].socket, queues, workload, args.seconds)?;
                         eprintln!(
                             "{mode} q{queues} {} {}: {:.0} IOPS {:.0} MiB/s p50 {:.1} p99 {:.1}",
                             workload.name,
-                            if is_ours { "ours" } else { "qsd " },
+                            backends[index].label(),
                             outcome.iops,
                             outcome.mib_per_s,
                             outcome.p50_us,
                             outcome.p99_us
                         );
-                        if is_ours {
-                            row.ours.push(outcome)
-                        } else {
-                            row.qsd.push(outcome)
-                        }
+                        row.runs[index].push(outcome);
                     }
                 }
                 rows.push(row);
             }
         }
-        let table = render(mode, &rows);
-        print!("{table}");
+        print!("{}", render(mode, &backends, &rows));
         std::io::stdout().flush()?;
-        report.push_str(&table);
     }
     println!("\ncommand: {command_line}");
     Ok(())

@@ -80,15 +80,17 @@ pub struct UringPath {
     /// Ordering is done here rather than with IOSQE_IO_DRAIN, which would also wait for the
     /// kick poll (and so for the driver's next kick) and hold back every later request.
     deferred_flushes: VecDeque<(usize, u64)>,
-    /// The kick descriptor with a poll armed on it (and that poll's tag), so that a kick ends
-    /// a wait for completions.
+    /// The kick descriptor with a multishot poll armed on it (and that poll's tag), so that
+    /// every kick ends a wait for completions. The kick stays unconsumed: the transport reads
+    /// it (blocking, possibly from an event it collected already), so reading it here could
+    /// leave the transport blocked. A multishot poll fires on each write to the eventfd rather
+    /// than while it stays readable, so it can stay armed without draining it.
     kick_armed: Option<(RawFd, u64)>,
     kick_polls: u64,
-    /// The kick poll fired in this round. The kick stays unconsumed: the transport reads it
-    /// (blocking, possibly from an event it collected already), so reading it here could
-    /// leave the transport blocked. A fired poll is therefore not re-armed before the next
-    /// round, or it would fire at once forever.
-    kick_fired: bool,
+    /// The kernel ended the multishot poll in this round (kernels before 5.13 only offer
+    /// single-shot polls; a full completion queue also ends one). It is not re-armed before
+    /// the next round: on the unconsumed kick it would fire at once forever.
+    kick_poll_ended: bool,
 }
 
 // SAFETY: the raw pointers in the slots' iovec lists are only dereferenced by the kernel while a
@@ -132,7 +134,7 @@ impl UringPath {
             deferred_flushes: VecDeque::with_capacity(usize::from(depth)),
             kick_armed: None,
             kick_polls: 0,
-            kick_fired: false,
+            kick_poll_ended: false,
         })
     }
 
@@ -274,13 +276,12 @@ impl UringPath {
 
     /// Starts a round of serving the queue, after the transport consumed a kick.
     pub fn new_round(&mut self) {
-        self.kick_fired = false;
+        self.kick_poll_ended = false;
     }
 
-    /// Sleeps until a request completes or, when `kick` is given, the driver kicks the queue
-    /// (once per round).
+    /// Sleeps until a request completes or, when `kick` is given, the driver kicks the queue.
     pub fn wait(&mut self, kick: Option<RawFd>) -> io::Result<()> {
-        if let (Some(fd), false) = (kick, self.kick_fired) {
+        if let (Some(fd), false) = (kick, self.kick_poll_ended) {
             self.arm_kick_poll(fd)?;
         }
         retry_interrupted(|| self.ring.submit_and_wait(1))
@@ -295,6 +296,7 @@ impl UringPath {
         self.kick_polls += 1;
         let tag = KICK_POLL | (self.kick_polls & (KICK_CANCEL - 1));
         let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
             .build()
             .user_data(tag);
         self.push_entry(poll)?;
@@ -320,8 +322,8 @@ impl UringPath {
         Ok(())
     }
 
-    /// Collects every completion available. A fired kick poll needs nothing more: the caller
-    /// looks at the available ring after every wait.
+    /// Collects every completion available. A kick needs nothing more: the caller looks at the
+    /// available ring after every wait.
     pub fn reap<S: Storage>(&mut self, device: &BlockDevice<S>, finished: &mut Vec<Finished>) {
         for cqe in self.ring.completion() {
             let tag = cqe.user_data();
@@ -329,12 +331,14 @@ impl UringPath {
                 continue;
             }
             if tag & KICK_POLL != 0 {
-                if self
-                    .kick_armed
-                    .is_some_and(|(_, armed_tag)| armed_tag == tag)
+                let ended = !io_uring::cqueue::more(cqe.flags());
+                if ended
+                    && self
+                        .kick_armed
+                        .is_some_and(|(_, armed_tag)| armed_tag == tag)
                 {
                     self.kick_armed = None;
-                    self.kick_fired = true;
+                    self.kick_poll_ended = true;
                 }
                 continue;
             }
