@@ -320,7 +320,8 @@ _gt_teardown() {
     p=${GT_BE_PID[$name]}
     [ -n "$p" ] && gt_backend_kill "$name" TERM >/dev/null 2>&1
   done
-  for ((p = ${#GT_AT_EXIT[@]} - 1; p >= 0; p--)); do eval "${GT_AT_EXIT[p]}"; done
+  # clean-up steps may find their process gone already; that is not a failure of the case
+  for ((p = ${#GT_AT_EXIT[@]} - 1; p >= 0; p--)); do eval "${GT_AT_EXIT[p]}" 2>/dev/null || true; done
   if [ -n "${GUEST_TEST_VERBOSE:-}" ] && [ -s "$W/serial.log" ]; then
     echo "  ---- serial log: $W/serial.log"; sed 's/^/  | /' "$W/serial.log"
   fi

@@ -58,6 +58,11 @@ struct Args {
     /// Extra arguments for `hvisor-vhost blk`, e.g. `--ours-args=--poll-us=0`.
     #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
     ours_args: Vec<String>,
+    /// More hvisor-vhost sides, as NAME=ARGS (e.g. `--variant "sync=--io-engine=sync"`), to
+    /// see what an optimisation contributes: the ratio columns then compare the plain side
+    /// with each variant. Repeatable.
+    #[arg(long = "variant", allow_hyphen_values = true, value_parser = parse_variant)]
+    variants: Vec<(String, Vec<String>)>,
     /// Folder for the sockets.
     #[arg(long, default_value = "/tmp")]
     socket_dir: PathBuf,
@@ -217,23 +222,36 @@ fn warm_page_cache(path: &Path) -> Result<(), Error> {
 #[derive(Clone, Debug, PartialEq)]
 enum Backend {
     /// qemu-storage-daemon with this `aio=` engine.
-    Qsd {
-        aio: String,
-    },
-    Ours,
+    Qsd { aio: String },
+    /// hvisor-vhost with extra arguments; `name` is empty for the plain side.
+    Ours { name: String, args: Vec<String> },
+}
+
+fn parse_variant(text: &str) -> Result<(String, Vec<String>), String> {
+    let (name, args) = text
+        .split_once('=')
+        .ok_or_else(|| format!("variant {text:?} is not NAME=ARGS"))?;
+    if name.is_empty() {
+        return Err(format!("variant {text:?} has no name"));
+    }
+    Ok((
+        name.to_owned(),
+        args.split_whitespace().map(str::to_owned).collect(),
+    ))
 }
 
 impl Backend {
     fn label(&self) -> String {
         match self {
             Backend::Qsd { aio } => format!("qsd aio={aio}"),
-            Backend::Ours => "hvisor-vhost".to_owned(),
+            Backend::Ours { name, .. } if name.is_empty() => "hvisor-vhost".to_owned(),
+            Backend::Ours { name, .. } => format!("hvisor-vhost {name}"),
         }
     }
 
     fn command(&self, args: &Args, socket: &Path, queues: u16, direct: bool) -> Command {
         match self {
-            Backend::Ours => {
+            Backend::Ours { args: extra, .. } => {
                 let mut command = Command::new(&args.hvisor_vhost);
                 command
                     .arg("blk")
@@ -246,7 +264,7 @@ impl Backend {
                 if direct {
                     command.arg("--direct");
                 }
-                command.args(args.ours_args.iter().filter(|arg| !arg.is_empty()));
+                command.args(extra);
                 command
             }
             Backend::Qsd { aio } => {
@@ -570,14 +588,16 @@ fn spread(runs: &[Outcome]) -> String {
 
 /// The table of one cache mode: a column per side, then ours over each other side.
 fn render(mode: &str, backends: &[Backend], rows: &[Row]) -> String {
-    let ours = backends.iter().position(|b| *b == Backend::Ours);
+    let ours = backends
+        .iter()
+        .position(|b| matches!(b, Backend::Ours { name, .. } if name.is_empty()));
     let others: Vec<usize> = (0..backends.len()).filter(|&i| Some(i) != ours).collect();
     let short = |backend: &Backend| match backend {
         Backend::Qsd { aio } => format!("/{}", aio.trim_start_matches("io_"))
             .chars()
             .take(RATIO)
             .collect::<String>(),
-        Backend::Ours => "/ours".to_owned(),
+        Backend::Ours { name, .. } => format!("/{name}").chars().take(RATIO).collect(),
     };
     let mut out = String::new();
     let _ = writeln!(
@@ -626,7 +646,16 @@ fn render(mode: &str, backends: &[Backend], rows: &[Row]) -> String {
 
 fn main() -> Result<(), Error> {
     let args = Args::parse();
-    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let command_line = std::env::args()
+        .map(|arg| {
+            if arg.contains(char::is_whitespace) {
+                format!("'{arg}'")
+            } else {
+                arg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let size = ensure_image(&args.image, args.image_mib)?;
     eprintln!("image {} ({} MiB)", args.image.display(), size >> 20);
     let workloads: Vec<Workload> = WORKLOADS
@@ -644,7 +673,19 @@ fn main() -> Result<(), Error> {
         );
     }
     if side("ours") {
-        backends.push(Backend::Ours);
+        backends.push(Backend::Ours {
+            name: String::new(),
+            args: args
+                .ours_args
+                .iter()
+                .filter(|arg| !arg.is_empty())
+                .cloned()
+                .collect(),
+        });
+        backends.extend(args.variants.iter().map(|(name, extra)| Backend::Ours {
+            name: name.clone(),
+            args: extra.clone(),
+        }));
     }
     for mode in &args.modes {
         let direct = match mode.as_str() {

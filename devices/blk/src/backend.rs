@@ -143,8 +143,10 @@ impl<S: Storage> BlkBackend<S> {
             IoEngine::IoUring => storage.async_fd(),
             IoEngine::Sync => None,
         };
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let spare_cores = usize::from(config.num_queues) < cores;
         let new_worker = |queue: u16| {
-            let new_path = |fd| UringPath::new(fd, buffered, config.queue_size);
+            let new_path = |fd| UringPath::new(fd, buffered, spare_cores, config.queue_size);
             let engine = match async_fd.map(new_path) {
                 Some(Ok(path)) => Engine::Uring(Box::new(path)),
                 Some(Err(error)) => {

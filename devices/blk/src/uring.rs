@@ -2,9 +2,11 @@
 //!
 //! Every read, write and flush popped in one pass over the available ring is queued as an SQE
 //! and the whole batch goes to the kernel in one `io_uring_enter`; the requests then run
-//! concurrently (O_DIRECT reads and writes asynchronously in the block layer, page-cache hits
-//! inline during the submission). Data moves straight between guest memory and the file: the
-//! SQEs carry the guest buffers' iovecs.
+//! concurrently (O_DIRECT reads and writes asynchronously in the block layer). Through the page
+//! cache, small reads whose data is cached and all writes are served on the worker thread
+//! instead, which is cheaper than a trip through the ring; reads that would wait for the disk
+//! still take it. Data moves straight between guest memory and the file: the SQEs carry the
+//! guest buffers' iovecs.
 //!
 //! A slot per possible in-flight request (one per queue entry) keeps each request's iovecs
 //! alive and stable until its completion; slots and their iovec lists are reused, so the data
@@ -15,7 +17,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use io_uring::{IoUring, opcode, squeue, types};
-use log::warn;
+use log::{debug, warn};
 
 use crate::device::{BlockDevice, Status};
 use crate::queue::{DataPath, Reply};
@@ -30,9 +32,12 @@ const IOV_MAX: usize = 1024;
 const KICK_POLL: u64 = 1 << 62;
 const KICK_CANCEL: u64 = 1 << 61;
 
-/// From this size on, a page-cache read is handed to io_uring's worker threads instead of being
-/// copied on the queue thread: the copies of a batch of large reads then run on every core.
-/// (Buffered writes gain nothing from it: they serialise on the inode lock.)
+/// From this size on, a page-cache read may be handed to io_uring's worker threads instead of
+/// being copied on the queue thread, so that the copies of a batch of large reads run on every
+/// core. Worth it only with cores to spare: with as many queue threads as cores the hop costs
+/// more than it gains (1 MiB reads, 2 cores: 1 queue 23.9 -> 30.7 GiB/s with the hand-off,
+/// 2 queues 39.4 -> 31.8 GiB/s). Buffered writes gain nothing from it: they serialise on the
+/// inode lock.
 const OFFLOAD_BYTES: usize = 128 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +77,11 @@ pub struct UringPath {
     /// thread, a hop that costs more than the copy, and parallel writers serialise on the inode
     /// lock anyway. O_DIRECT transfers are asynchronous in the block layer and take the ring.
     buffered: bool,
+    /// The kernel and file system take `RWF_NOWAIT` reads (false once one was refused).
+    nowait_reads: bool,
+    /// Page-cache reads from this size on go to io_uring's worker threads (see
+    /// `OFFLOAD_BYTES`); `usize::MAX` when there are no cores to spare.
+    offload_bytes: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
     in_flight: usize,
@@ -100,8 +110,8 @@ unsafe impl Send for UringPath {}
 
 impl UringPath {
     /// A ring for up to `depth` requests in flight on `fd`; `buffered` when `fd` goes through
-    /// the page cache.
-    pub fn new(fd: RawFd, buffered: bool, depth: u16) -> io::Result<Self> {
+    /// the page cache; `spare_cores` when the host has more cores than the device has queues.
+    pub fn new(fd: RawFd, buffered: bool, spare_cores: bool, depth: u16) -> io::Result<Self> {
         // Room for every request plus the kick poll and its cancellation.
         let entries = u32::from(depth) + 2;
         // Cooperative task running saves an inter-processor interrupt per completion; kernels
@@ -127,6 +137,12 @@ impl UringPath {
             ring,
             fd,
             buffered,
+            nowait_reads: buffered,
+            offload_bytes: if spare_cores {
+                OFFLOAD_BYTES
+            } else {
+                usize::MAX
+            },
             slots: (0..depth).map(|_| empty_slot()).collect(),
             free: (0..usize::from(depth)).rev().collect(),
             in_flight: 0,
@@ -245,11 +261,12 @@ impl UringPath {
                 .offset(offset)
                 .build(),
         };
-        let entry = if self.buffered && operation == Operation::Read && slot.len >= OFFLOAD_BYTES {
-            entry.flags(squeue::Flags::ASYNC)
-        } else {
-            entry
-        };
+        let entry =
+            if self.buffered && operation == Operation::Read && slot.len >= self.offload_bytes {
+                entry.flags(squeue::Flags::ASYNC)
+            } else {
+                entry
+            };
         match self.push(slot_index, entry) {
             Ok(()) => None,
             Err(error) => {
@@ -258,6 +275,40 @@ impl UringPath {
                 Some(Status::IoError)
             }
         }
+    }
+
+    /// Reads `bufs` on this thread if the page cache holds every byte: a page-cache hit costs
+    /// less inline than through the ring (4 KiB reads at QD1: 65,000 IOPS through io_uring,
+    /// 96,000 inline). False when the read would wait for the disk, leaving it to the ring.
+    fn read_cached(&mut self, bufs: &IoBuffers<'_>, offset: u64) -> bool {
+        let Ok(file_offset) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        if !self.nowait_reads {
+            return false;
+        }
+        let iovecs = bufs.iovecs();
+        // SAFETY: `can_take` bounded the list to IOV_MAX entries, each built by
+        // `IoBuffers::push` from a live guest-memory slice that `bufs` keeps borrowed.
+        let done = unsafe {
+            libc::preadv2(
+                self.fd,
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+                file_offset,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if done < 0 {
+            let error = io::Error::last_os_error();
+            if !matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
+                debug!("RWF_NOWAIT reads refused ({error}); page-cache reads take the ring");
+                self.nowait_reads = false;
+            }
+            return false;
+        }
+        // A short read (part of the data cached) is redone whole by the ring.
+        done as usize == bufs.len()
     }
 
     /// Whether a request with `bufs` can go through the ring rather than inline.
@@ -422,6 +473,9 @@ impl<S: Storage> DataPath<S> for UringPath {
         if !self.can_take(&bufs) {
             return Some(device.read(sector, &mut bufs));
         }
+        if bufs.len() < self.offload_bytes && self.read_cached(&bufs, offset) {
+            return Some(Status::Ok);
+        }
         self.start_transfer(Operation::Read, sector, offset, bufs, reply)
     }
 
@@ -470,5 +524,128 @@ impl<S: Storage> DataPath<S> for UringPath {
                 Some(device.flush())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use vm_memory::{GuestAddress, VolatileSlice};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    use super::*;
+    use crate::storage::FileStorage;
+
+    const PAGE: usize = 4096;
+
+    /// Whether the first page of `file` is in the page cache.
+    fn first_page_cached(file: &std::fs::File) -> bool {
+        // SAFETY: a fresh read-only shared mapping of one page of a file at least that long;
+        // mincore only inspects it, and it is unmapped before returning.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED);
+            let mut resident = 0u8;
+            assert_eq!(libc::mincore(map, PAGE, &mut resident), 0);
+            libc::munmap(map, PAGE);
+            resident & 1 != 0
+        }
+    }
+
+    /// Through the page cache, a read of cached data is answered at once on the worker thread,
+    /// and a read of data the cache does not hold goes through the ring.
+    #[test]
+    fn cached_reads_complete_inline_and_misses_take_the_ring() {
+        use std::os::unix::fs::FileExt;
+        let image = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        let pattern: Vec<u8> = (0..4 * PAGE).map(|i| (i % 251) as u8).collect();
+        image.as_file().write_all_at(&pattern, 0).unwrap();
+        image.as_file().sync_all().unwrap();
+        let storage = FileStorage::open(image.path(), false, false).unwrap();
+        let device = BlockDevice::new(storage, false, "");
+        let mut path = UringPath::new(device.storage().async_fd().unwrap(), true, true, 4).unwrap();
+        let reply = Reply {
+            head: 0,
+            status_addr: GuestAddress(0),
+        };
+        let mut guest = vec![0u8; PAGE];
+        let mut iovecs = Vec::new();
+
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut guest[..]));
+        assert!(first_page_cached(image.as_file()), "just written");
+        assert_eq!(
+            path.read(&device, 0, bufs, reply),
+            Some(Status::Ok),
+            "a cache hit is answered at once"
+        );
+        assert_eq!(guest, pattern[..PAGE]);
+
+        // SAFETY: advice on a valid descriptor; it only drops clean cached pages.
+        let advised = unsafe {
+            libc::posix_fadvise(image.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        if advised != 0 || first_page_cached(image.as_file()) {
+            eprintln!("the page cache keeps /var/tmp files (tmpfs?): miss case not tested");
+            return;
+        }
+        guest.fill(0);
+        let mut bufs = IoBuffers::new(&mut iovecs);
+        bufs.push(&VolatileSlice::from(&mut guest[..]));
+        assert_eq!(
+            path.read(&device, 0, bufs, reply),
+            None,
+            "a miss takes the ring"
+        );
+        let mut finished = Vec::new();
+        while path.in_flight() > 0 {
+            path.wait(None).unwrap();
+            path.reap(&device, &mut finished);
+        }
+        assert_eq!(finished.len(), 1);
+        assert_eq!(
+            (finished[0].status, finished[0].written),
+            (Status::Ok, PAGE as u32)
+        );
+        assert_eq!(guest, pattern[..PAGE]);
+    }
+
+    /// Every kick ends a wait, also after the first one, and no kick is consumed: the
+    /// transport reads them later.
+    #[test]
+    fn every_kick_ends_a_wait_and_stays_for_the_transport() {
+        const KICKS: u64 = 3;
+        let device = BlockDevice::new(FileStorage::memory(1 << 20).unwrap(), false, "");
+        let mut path = UringPath::new(device.storage().async_fd().unwrap(), true, true, 4).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick_fd = kick.as_raw_fd();
+        let (woke, wakes) = mpsc::channel();
+        // Detached: with a kick missed it would sleep in io_uring_enter for good.
+        std::thread::spawn(move || {
+            let mut finished = Vec::new();
+            for _ in 0..KICKS {
+                path.wait(Some(kick_fd)).unwrap();
+                path.reap(&device, &mut finished);
+                woke.send(()).unwrap();
+            }
+            assert!(finished.is_empty());
+        });
+        for number in 1..=KICKS {
+            kick.write(1).unwrap();
+            wakes
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("kick {number} did not end the wait"));
+        }
+        assert_eq!(kick.read().unwrap(), KICKS);
     }
 }
