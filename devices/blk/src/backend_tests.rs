@@ -38,6 +38,8 @@ struct Rig {
     backend: BlkBackend<FaultyStorage>,
     vrings: Vec<VringRwLock>,
     calls: Vec<EventFd>,
+    /// The driver's side of each queue's kick descriptor.
+    kicks: Vec<EventFd>,
     /// Next free descriptor index per queue.
     next_desc: Vec<u16>,
 }
@@ -72,6 +74,7 @@ impl Rig {
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mut vrings = Vec::new();
         let mut calls = Vec::new();
+        let mut kicks = Vec::new();
         let mut queues = Vec::new();
         for queue in 0..config.num_queues {
             let rings =
@@ -94,8 +97,10 @@ impl Rig {
             vring.set_call(Some(call_file));
             // A kick descriptor as vhost-user sets one: io_uring waits poll it.
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-            // SAFETY: the descriptor is fresh and owned by nothing else.
-            vring.set_kick(Some(unsafe { File::from_raw_fd(kick.into_raw_fd()) }));
+            // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
+            let kick_file = unsafe { File::from_raw_fd(kick.try_clone().unwrap().into_raw_fd()) };
+            vring.set_kick(Some(kick_file));
+            kicks.push(kick);
             vrings.push(vring);
             calls.push(call);
             queues.push(rings);
@@ -109,6 +114,7 @@ impl Rig {
             backend,
             vrings,
             calls,
+            kicks,
             next_desc,
         }
     }
@@ -385,6 +391,13 @@ fn io_uring_flush_after_a_wait_on_a_direct_image() {
     });
     // Page-aligned guest buffers, so that O_DIRECT takes them without a bounce.
     for round in 0..4u64 {
+        if round == 2 {
+            // Kicks that come while the worker is idle make its kick poll post completions;
+            // thousands of them must neither overflow into an error nor hold up what follows.
+            for _ in 0..5000 {
+                rig.kicks[0].write(1).unwrap();
+            }
+        }
         rig.fill(DATA, 4096, 0x60 + round as u8);
         let write = rig.request(
             VIRTIO_BLK_T_OUT,

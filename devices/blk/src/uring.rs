@@ -325,8 +325,12 @@ impl UringPath {
         !self.ring.completion().is_empty()
     }
 
-    /// Starts a round of serving the queue, after the transport consumed a kick.
-    pub fn new_round(&mut self) {
+    /// Starts a round of serving the queue, after the transport consumed a kick. Nothing is in
+    /// flight between rounds, but the kick poll stays armed: the completions it posted for kicks
+    /// that came meanwhile are dropped here, so that they cannot pile up in the completion queue
+    /// (older kernels refuse submissions while it overflows).
+    pub fn new_round<S: Storage>(&mut self, device: &BlockDevice<S>, finished: &mut Vec<Finished>) {
+        self.reap(device, finished);
         self.kick_poll_ended = false;
     }
 
