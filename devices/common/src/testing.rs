@@ -19,6 +19,51 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
 
+/// Where a queue's used ring goes inside its page in rigs that publish through
+/// `virtio_queue::mock::MockSplitQueue`: the mock (virtio-queue 0.18) sizes its avail ring in
+/// entries instead of bytes and puts its used ring over avail entries 8 and up, so the device's
+/// used ring is placed here instead, clear of both.
+pub const MOCK_USED_RING_OFFSET: u64 = 0x800;
+
+/// A used ring the device writes, read as the driver reads it.
+#[derive(Clone, Copy)]
+pub struct UsedRing {
+    memory: &'static GuestMemoryMmap,
+    addr: GuestAddress,
+    size: u16,
+}
+
+impl UsedRing {
+    pub fn new(memory: &'static GuestMemoryMmap, addr: GuestAddress, size: u16) -> Self {
+        UsedRing { memory, addr, size }
+    }
+
+    pub fn addr(&self) -> GuestAddress {
+        self.addr
+    }
+
+    pub fn idx(&self) -> u16 {
+        self.memory.read_obj(self.addr.unchecked_add(2)).unwrap()
+    }
+
+    /// The entry at `position`: (descriptor head, used length).
+    pub fn entry(&self, position: u16) -> (u32, u32) {
+        let element = self
+            .addr
+            .unchecked_add(4 + 8 * u64::from(position % self.size));
+        (
+            self.memory.read_obj(element).unwrap(),
+            self.memory.read_obj(element.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    /// The avail index after which the device wants a kick (EVENT_IDX `avail_event`).
+    pub fn avail_event(&self) -> u16 {
+        let at = self.addr.unchecked_add(4 + 8 * u64::from(self.size));
+        self.memory.read_obj(at).unwrap()
+    }
+}
+
 /// Guest memory from address 0, leaked so rings can borrow it for the whole test.
 pub struct TestMemory {
     pub mem: &'static GuestMemoryMmap,
@@ -117,7 +162,7 @@ pub struct TestQueue {
     memory: &'static GuestMemoryMmap,
     desc_table: GuestAddress,
     avail_ring: GuestAddress,
-    used_ring: GuestAddress,
+    used_ring: UsedRing,
     pub vring: VringRwLock,
     pub call: EventFd,
     size: u16,
@@ -152,7 +197,7 @@ impl TestQueue {
             memory: memory.mem,
             desc_table,
             avail_ring,
-            used_ring,
+            used_ring: UsedRing::new(memory.mem, used_ring, size),
             vring,
             call,
             size,
@@ -233,20 +278,12 @@ impl TestQueue {
     }
 
     pub fn used_idx(&self) -> u16 {
-        self.memory
-            .read_obj(self.used_ring.unchecked_add(2))
-            .unwrap()
+        self.used_ring.idx()
     }
 
     /// The used-ring entry at `position`: (descriptor head, used length).
     pub fn used(&self, position: u16) -> (u32, u32) {
-        let element = self
-            .used_ring
-            .unchecked_add(4 + 8 * u64::from(position % self.size));
-        (
-            self.memory.read_obj(element).unwrap(),
-            self.memory.read_obj(element.unchecked_add(4)).unwrap(),
-        )
+        self.used_ring.entry(position)
     }
 
     /// Where the driver asks to be notified next (EVENT_IDX `used_event`).

@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use hvisor_vhost_device::testing::{Buffer, raw, readable, writable};
+use hvisor_vhost_device::testing::{
+    Buffer, MOCK_USED_RING_OFFSET, UsedRing, raw, readable, writable,
+};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -29,9 +31,6 @@ const QUEUE_SIZE: u16 = 16;
 const MEMORY_SIZE: u64 = 0x10_0000;
 const BUFFERS: u64 = 0x1_0000;
 const UNTOUCHED: u8 = 0xee;
-/// Where each queue's used ring goes inside its page. `MockSplitQueue` puts it right after an
-/// avail ring it sizes too small (so they overlap past 8 entries); ours stays clear of it.
-const USED_RING_OFFSET: u64 = 0x800;
 
 /// The device's end of a socket pair, recording the controls the device applies.
 struct FakeTap {
@@ -203,7 +202,7 @@ impl<T: TapQueue + 'static> Rig<T> {
                 .set_queue_info(
                     rings.desc_table_addr().0,
                     rings.avail_addr().0,
-                    start + USED_RING_OFFSET,
+                    start + MOCK_USED_RING_OFFSET,
                 )
                 .unwrap();
             vring.set_queue_event_idx(event_idx);
@@ -337,27 +336,23 @@ impl<T: TapQueue + 'static> Rig<T> {
         self.publish(queue, &descriptors)
     }
 
-    fn used_ring(&self, queue: usize) -> u64 {
-        queue as u64 * 0x1000 + USED_RING_OFFSET
+    fn used_ring(&self, queue: usize) -> UsedRing {
+        let addr = GuestAddress(queue as u64 * 0x1000 + MOCK_USED_RING_OFFSET);
+        UsedRing::new(self.mem, addr, QUEUE_SIZE)
     }
 
     /// The used-ring entry at `position` of `queue`: (descriptor head, used length).
     fn used(&self, queue: usize, position: u16) -> (u32, u32) {
-        let element = self.used_ring(queue) + 4 + 8 * u64::from(position % QUEUE_SIZE);
-        let id = self.mem.read_obj::<u32>(GuestAddress(element)).unwrap();
-        let len = self.mem.read_obj::<u32>(GuestAddress(element + 4)).unwrap();
-        (id, len)
+        self.used_ring(queue).entry(position)
     }
 
     fn used_idx(&self, queue: usize) -> u16 {
-        let idx = GuestAddress(self.used_ring(queue) + 2);
-        self.mem.read_obj(idx).unwrap()
+        self.used_ring(queue).idx()
     }
 
     /// The avail ring index after which the driver is asked to kick (EVENT_IDX).
     fn avail_event(&self, queue: usize) -> u16 {
-        let at = self.used_ring(queue) + 4 + 8 * u64::from(QUEUE_SIZE);
-        self.mem.read_obj(GuestAddress(at)).unwrap()
+        self.used_ring(queue).avail_event()
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) {
