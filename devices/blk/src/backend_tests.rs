@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
 use hvisor_vhost_device::testing::{
-    Buffer, MOCK_USED_RING_OFFSET, UsedRing, raw, readable, writable,
+    Buffer, UsedRing, mock_queue, mock_used_ring, raw, readable, writable,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
@@ -31,6 +31,11 @@ const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 const INDIRECT_TABLE: u64 = 0x4_0000;
 const STATUS_UNTOUCHED: u8 = 0xff;
+
+/// Each queue's rings take a page of their own.
+fn queue_start(queue: u16) -> u64 {
+    u64::from(queue) * 0x1000
+}
 
 /// A test rig: guest memory, one or more queues, and the backend under test.
 struct Rig {
@@ -79,24 +84,8 @@ impl Rig {
         let mut kicks = Vec::new();
         let mut queues = Vec::new();
         for queue in 0..config.num_queues {
-            let start = u64::from(queue) * 0x1000;
-            let rings = MockSplitQueue::create(mem, GuestAddress(start), QUEUE_SIZE);
-            let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
-            vring.set_queue_size(QUEUE_SIZE);
-            vring
-                .set_queue_info(
-                    rings.desc_table_addr().0,
-                    rings.avail_addr().0,
-                    start + MOCK_USED_RING_OFFSET,
-                )
-                .unwrap();
-            vring.set_queue_event_idx(event_idx);
-            vring.set_queue_ready(true);
-            vring.set_enabled(true);
-            let call = EventFd::new(EFD_NONBLOCK).unwrap();
-            // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
-            let call_file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-            vring.set_call(Some(call_file));
+            let (rings, vring, call) =
+                mock_queue(mem, &atomic, queue_start(queue), QUEUE_SIZE, event_idx);
             // A kick descriptor as vhost-user sets one: io_uring waits poll it.
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
             // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
@@ -176,8 +165,7 @@ impl Rig {
     }
 
     fn used_ring(&self, queue: usize) -> UsedRing {
-        let addr = GuestAddress(queue as u64 * 0x1000 + MOCK_USED_RING_OFFSET);
-        UsedRing::new(self.mem, addr, QUEUE_SIZE)
+        mock_used_ring(self.mem, queue_start(queue as u16), QUEUE_SIZE)
     }
 
     /// The used-ring entry at `position` of `queue`: (descriptor head, used length).

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -23,7 +24,63 @@ const VRING_DESC_F_INDIRECT: u16 = 4;
 /// `virtio_queue::mock::MockSplitQueue`: the mock (virtio-queue 0.18) sizes its avail ring in
 /// entries instead of bytes and puts its used ring over avail entries 8 and up, so the device's
 /// used ring is placed here instead, clear of both.
-pub const MOCK_USED_RING_OFFSET: u64 = 0x800;
+const MOCK_USED_RING_OFFSET: u64 = 0x800;
+
+/// A ready, enabled `VringRwLock` of `size` entries over the rings at the given addresses, as a
+/// transport sets one up; returned with the driver's side of its call eventfd.
+pub fn ready_vring(
+    memory: &GuestMemoryAtomic<GuestMemoryMmap>,
+    size: u16,
+    desc_table: GuestAddress,
+    avail_ring: GuestAddress,
+    used_ring: GuestAddress,
+    event_idx: bool,
+) -> (VringRwLock, EventFd) {
+    let vring = VringRwLock::new(memory.clone(), size).unwrap();
+    vring.set_queue_size(size);
+    vring
+        .set_queue_info(desc_table.0, avail_ring.0, used_ring.0)
+        .unwrap();
+    vring.set_queue_event_idx(event_idx);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
+    let call_file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+    vring.set_call(Some(call_file));
+    (vring, call)
+}
+
+/// A queue in the page at `start` that the test publishes to through `MockSplitQueue`, and the
+/// device's vring over it, whose used ring is [`mock_used_ring`].
+pub fn mock_queue(
+    memory: &'static GuestMemoryMmap,
+    atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+    start: u64,
+    size: u16,
+    event_idx: bool,
+) -> (
+    MockSplitQueue<'static, GuestMemoryMmap>,
+    VringRwLock,
+    EventFd,
+) {
+    let rings = MockSplitQueue::create(memory, GuestAddress(start), size);
+    let used_ring = mock_used_ring(memory, start, size).addr();
+    let (vring, call) = ready_vring(
+        atomic,
+        size,
+        rings.desc_table_addr(),
+        rings.avail_addr(),
+        used_ring,
+        event_idx,
+    );
+    (rings, vring, call)
+}
+
+/// The device's used ring of the [`mock_queue`] at `start`.
+pub fn mock_used_ring(memory: &'static GuestMemoryMmap, start: u64, size: u16) -> UsedRing {
+    UsedRing::new(memory, GuestAddress(start + MOCK_USED_RING_OFFSET), size)
+}
 
 /// A used ring the device writes, read as the driver reads it.
 #[derive(Clone, Copy)]
@@ -181,18 +238,14 @@ impl TestQueue {
             .unchecked_align_up(4);
         let used_end = used_ring.unchecked_add(6 + 8 * u64::from(size));
         memory.fill(base, (used_end.0 - base) as usize, 0);
-        let vring = VringRwLock::new(memory.atomic.clone(), size).unwrap();
-        vring.set_queue_size(size);
-        vring
-            .set_queue_info(desc_table.0, avail_ring.0, used_ring.0)
-            .unwrap();
-        vring.set_queue_event_idx(event_idx);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
-        let call_file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-        vring.set_call(Some(call_file));
+        let (vring, call) = ready_vring(
+            &memory.atomic,
+            size,
+            desc_table,
+            avail_ring,
+            used_ring,
+            event_idx,
+        );
         TestQueue {
             memory: memory.mem,
             desc_table,

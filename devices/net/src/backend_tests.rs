@@ -2,15 +2,14 @@
 //! `handle_event` exactly as a transport's worker thread does, with a datagram socket pair
 //! standing in for the TAP (one end is the device's TAP queue, the other the "wire").
 
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use hvisor_vhost_device::testing::{
-    Buffer, MOCK_USED_RING_OFFSET, UsedRing, raw, readable, writable,
+    Buffer, UsedRing, mock_queue, mock_used_ring, raw, readable, writable,
 };
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -20,7 +19,7 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::NetBackend;
 use crate::config::{MacAddress, NetConfig};
@@ -126,6 +125,11 @@ const fn bit(feature: u32) -> u64 {
 const MODERN: u64 = bit(VIRTIO_F_VERSION_1);
 const MERGEABLE: u64 = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF);
 
+/// Each queue's rings take a page of their own.
+fn queue_start(queue: usize) -> u64 {
+    queue as u64 * 0x1000
+}
+
 /// A test rig: guest memory, every queue of the device, the backend under test, the wire ends
 /// of its TAP queues and the registries of its worker threads.
 struct Rig<T: TapQueue + 'static = FakeTap> {
@@ -194,24 +198,8 @@ impl<T: TapQueue + 'static> Rig<T> {
         let mut calls = Vec::new();
         let mut queues = Vec::new();
         for queue in 0..backend.num_queues() {
-            let start = queue as u64 * 0x1000;
-            let rings = MockSplitQueue::create(mem, GuestAddress(start), QUEUE_SIZE);
-            let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
-            vring.set_queue_size(QUEUE_SIZE);
-            vring
-                .set_queue_info(
-                    rings.desc_table_addr().0,
-                    rings.avail_addr().0,
-                    start + MOCK_USED_RING_OFFSET,
-                )
-                .unwrap();
-            vring.set_queue_event_idx(event_idx);
-            vring.set_queue_ready(true);
-            vring.set_enabled(true);
-            let call = EventFd::new(EFD_NONBLOCK).unwrap();
-            // SAFETY: the descriptor comes from a fresh duplicate that nothing else owns.
-            let call_file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
-            vring.set_call(Some(call_file));
+            let (rings, vring, call) =
+                mock_queue(mem, &atomic, queue_start(queue), QUEUE_SIZE, event_idx);
             vrings.push(vring);
             calls.push(call);
             queues.push(rings);
@@ -337,8 +325,7 @@ impl<T: TapQueue + 'static> Rig<T> {
     }
 
     fn used_ring(&self, queue: usize) -> UsedRing {
-        let addr = GuestAddress(queue as u64 * 0x1000 + MOCK_USED_RING_OFFSET);
-        UsedRing::new(self.mem, addr, QUEUE_SIZE)
+        mock_used_ring(self.mem, queue_start(queue), QUEUE_SIZE)
     }
 
     /// The used-ring entry at `position` of `queue`: (descriptor head, used length).
