@@ -13,10 +13,8 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
@@ -24,6 +22,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use hvisor_vhost_device::backend::{COMMON_FEATURES, common_protocol_features};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::queue::{has_available_buffers, queue_is_live};
@@ -359,9 +358,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn features(&self) -> u64 {
-        let mut features = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        let mut features = COMMON_FEATURES
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
@@ -370,8 +367,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ
             | 1 << VIRTIO_BLK_F_DISCARD
-            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         if self.device.readonly() {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -383,10 +379,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        common_protocol_features()
     }
 
     fn reset_device(&self) {

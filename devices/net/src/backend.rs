@@ -15,10 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Address, ByteValued, Bytes, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
@@ -27,7 +25,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
@@ -948,9 +946,7 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
     }
 
     fn features(&self) -> u64 {
-        let mut features = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        let mut features = COMMON_FEATURES
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MRG_RXBUF
@@ -961,8 +957,7 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
             | 1 << VIRTIO_NET_F_HOST_ECN
             | 1 << VIRTIO_NET_F_GUEST_TSO4
             | 1 << VIRTIO_NET_F_GUEST_TSO6
-            | 1 << VIRTIO_NET_F_GUEST_ECN
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | 1 << VIRTIO_NET_F_GUEST_ECN;
         if self.supports_ufo {
             features |= 1 << VIRTIO_NET_F_HOST_UFO | 1 << VIRTIO_NET_F_GUEST_UFO;
         }
