@@ -8,21 +8,19 @@
 //! keeps the disk busy then never has to kick, and an idle one costs one window per kick.
 
 use std::io;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{
-    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, common_protocol_features};
+use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::queue::{has_available_buffers, queue_is_live};
@@ -117,7 +115,7 @@ pub struct BlkBackend<S = FileStorage> {
     num_queues: u16,
     queue_size: u16,
     event_idx: AtomicBool,
-    memory: RwLock<Option<Memory>>,
+    memory: GuestMemorySlot,
     /// Per-queue state. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
     workers: Vec<Mutex<QueueWorker>>,
@@ -165,7 +163,7 @@ impl<S: Storage> BlkBackend<S> {
             num_queues: config.num_queues,
             queue_size: config.queue_size,
             event_idx: AtomicBool::new(false),
-            memory: RwLock::new(None),
+            memory: GuestMemorySlot::default(),
             workers: (0..config.num_queues).map(new_worker).collect(),
             poll_window: Duration::from_micros(u64::from(config.poll_us)),
         })
@@ -187,14 +185,6 @@ impl<S: Storage> BlkBackend<S> {
             .to_vec()
     }
 
-    fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {
-        let memory = self
-            .memory
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        memory.as_ref().map(GuestMemoryAtomic::memory)
-    }
-
     /// Serves the queue until it is dry and no request is in flight, answering completions in
     /// batches; then polls for `poll_window` and, with EVENT_IDX, re-enables notifications and
     /// re-checks, so that a request that raced with the re-enable is not left behind.
@@ -208,7 +198,7 @@ impl<S: Storage> BlkBackend<S> {
     /// A stopped queue takes no new request, but the ones in flight are finished first: guest
     /// memory must stay mapped under them.
     fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
-        let Some(mem) = self.guest_memory() else {
+        let Some(mem) = self.memory.current() else {
             warn!("queue {queue_index} kicked before guest memory was set; ignored");
             return Ok(());
         };
@@ -412,10 +402,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn update_memory(&self, memory: Memory) -> io::Result<()> {
-        *self
-            .memory
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(memory);
+        self.memory.replace(memory);
         Ok(())
     }
 
