@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::inflight::InflightRegion;
+
 /// Adds and removes a device's own descriptors in one worker thread's wait set.
 ///
 /// An event on a registered descriptor is delivered to the backend's `handle_event` on that
@@ -33,6 +35,17 @@ pub trait VirtioDevice {
         let _ = (thread_id, registry);
         Ok(())
     }
+
+    /// Hands the device the inflight region of its vhost-user connection (`None` drops it), for
+    /// devices that offer `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. Called before the queues start
+    /// and after every worker has finished with the previous connection.
+    fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        let _ = region;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this device does not track in-flight requests",
+        ))
+    }
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -47,6 +60,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
     ) -> io::Result<()> {
         (**self).attach_event_registry(thread_id, registry)
     }
+
+    fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        (**self).set_inflight_region(region)
+    }
 }
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -58,6 +75,7 @@ pub mod backend;
 pub mod chain;
 pub mod config_space;
 pub mod exit;
+pub mod inflight;
 pub mod log_limit;
 pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
