@@ -5,17 +5,20 @@
 //! vhost-user-backend 0.24 refuses SET_VRING_ENABLE until PROTOCOL_FEATURES was acked by
 //! SET_FEATURES and drops the connection. The relay answers such an early message itself
 //! (when an answer is asked for), keeps the latest state it asked for each ring, and replays
-//! those right after forwarding SET_FEATURES — QEMU does not repeat them. Every other message,
+//! those right after forwarding SET_FEATURES — QEMU does not repeat them. It also answers the
+//! inflight-tracking messages the crate refuses (see `inflight_relay`). Every other message,
 //! with its file descriptors, passes through unchanged, and replies flow back byte for byte.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use log::debug;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::inflight_relay::InflightRelay;
 
 const SET_FEATURES: u32 = 2;
 const RESET_OWNER: u32 = 4;
@@ -30,8 +33,13 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 /// More than any message carries (a memory table has at most 8 regions).
 const MAX_FDS: usize = 32;
 
-/// Relays between `frontend` and `backend` until either side closes.
-pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
+/// Relays between `frontend` and `backend` until either side closes; `inflight` when the device
+/// tracks in-flight requests.
+pub fn relay(
+    frontend: UnixStream,
+    backend: UnixStream,
+    inflight: Option<InflightRelay>,
+) -> io::Result<()> {
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_reader = backend.try_clone()?;
     let replies = {
@@ -46,7 +54,7 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
                 result
             })?
     };
-    let result = forward_requests(&frontend, &backend, &frontend_writer);
+    let result = forward_requests(&frontend, &backend, &frontend_writer, inflight);
     let _ = backend.shutdown(std::net::Shutdown::Both);
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let replies = replies
@@ -66,6 +74,24 @@ fn copy_replies(mut backend: UnixStream, frontend: &Mutex<UnixStream>) -> io::Re
         };
         lock(frontend).write_all(&buffer[..read])?;
     }
+}
+
+/// A reply to `request` carrying `payload`.
+fn reply(request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(HEADER_SIZE + payload.len());
+    reply.extend_from_slice(&request.to_le_bytes());
+    reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
+    reply.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    reply.extend_from_slice(payload);
+    reply
+}
+
+/// Sends `bytes` to `stream`, with `fds` attached to the first part.
+fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let sent = stream
+        .send_with_fds(&[bytes], fds)
+        .map_err(|error| io::Error::from_raw_os_error(error.errno()))?;
+    (&*stream).write_all(&bytes[sent..])
 }
 
 fn lock(stream: &Mutex<UnixStream>) -> std::sync::MutexGuard<'_, UnixStream> {
@@ -125,11 +151,26 @@ fn forward_requests(
     frontend: &UnixStream,
     backend: &UnixStream,
     frontend_writer: &Mutex<UnixStream>,
+    mut inflight: Option<InflightRelay>,
 ) -> io::Result<()> {
     let mut features_set = false;
     // Early SET_VRING_ENABLE messages by ring index, the latest one of each ring.
     let mut early_enables: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     while let Some(mut message) = read_message(frontend)? {
+        if let Some(inflight) = inflight.as_mut() {
+            let payload = &message.bytes[HEADER_SIZE..];
+            if inflight.intercepts(message.request) {
+                let needs_reply = message.flags & NEED_REPLY != 0;
+                let fds = std::mem::take(&mut message.fds);
+                if let Some(answer) = inflight.answer(message.request, needs_reply, payload, fds) {
+                    let fds: Vec<RawFd> = answer.fd.iter().map(|fd| fd.as_raw_fd()).collect();
+                    let bytes = reply(message.request, &answer.payload);
+                    send_with_fds(&lock(frontend_writer), &bytes, &fds)?;
+                }
+                continue;
+            }
+            inflight.observe(message.request, payload);
+        }
         match message.request {
             SET_FEATURES => features_set = true,
             RESET_OWNER | RESET_DEVICE => {
@@ -149,26 +190,15 @@ fn forward_requests(
                     });
                 early_enables.insert(index, message.bytes);
                 if needs_reply {
-                    let mut reply = Vec::with_capacity(HEADER_SIZE + 8);
-                    reply.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                    reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
-                    reply.extend_from_slice(&8u32.to_le_bytes());
-                    reply.extend_from_slice(&0u64.to_le_bytes());
-                    lock(frontend_writer).write_all(&reply)?;
+                    lock(frontend_writer)
+                        .write_all(&reply(SET_VRING_ENABLE, &0u64.to_le_bytes()))?;
                 }
                 continue;
             }
             _ => {}
         }
-        let raw: Vec<RawFd> = message
-            .fds
-            .iter()
-            .map(std::os::fd::AsRawFd::as_raw_fd)
-            .collect();
-        let sent = backend
-            .send_with_fds(&[&message.bytes[..]], &raw)
-            .map_err(|error| io::Error::from_raw_os_error(error.errno()))?;
-        (&*backend).write_all(&message.bytes[sent..])?;
+        let raw: Vec<RawFd> = message.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        send_with_fds(backend, &message.bytes, &raw)?;
         if message.request == SET_FEATURES {
             for (_, enable) in std::mem::take(&mut early_enables) {
                 (&*backend).write_all(&enable)?;
@@ -194,7 +224,7 @@ mod tests {
     fn early_vring_enable_is_answered_and_the_rest_passes_through_with_fds() {
         let (mut frontend, relay_frontend) = UnixStream::pair().unwrap();
         let (relay_backend, mut backend) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(relay_frontend, relay_backend));
+        let relay = std::thread::spawn(move || relay(relay_frontend, relay_backend, None));
 
         // An early SET_VRING_ENABLE asking for a reply: answered with success, not forwarded.
         let enable = [0u8; 8];

@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::frontend_relay;
+use crate::inflight_relay::InflightRelay;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -140,6 +142,7 @@ fn relay_listener() -> io::Result<(SocketAddr, Listener)> {
 fn accept_and_relay(
     listener: &Listener,
     relay_address: &SocketAddr,
+    inflight: Option<InflightRelay>,
 ) -> io::Result<Option<std::thread::JoinHandle<()>>> {
     let Some(frontend) = listener.accept().map_err(io::Error::other)? else {
         return Ok(None);
@@ -148,7 +151,7 @@ fn accept_and_relay(
     let relay = std::thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
-            if let Err(error) = frontend_relay::relay(frontend, backend) {
+            if let Err(error) = frontend_relay::relay(frontend, backend, inflight) {
                 debug!("vhost-user relay ended: {error}");
             }
         })?;
@@ -195,12 +198,27 @@ fn wait_for_frontend(listener: &Listener, stop: &StopSignal) -> io::Result<Wakeu
     }
 }
 
+/// The relay's inflight tracking for a connection to `backend`.
+fn inflight_relay<B>(backend: &B) -> InflightRelay
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+{
+    let clamp = |value: usize| u16::try_from(value).unwrap_or(u16::MAX);
+    let device = backend.clone();
+    InflightRelay::new(
+        clamp(backend.num_queues()),
+        clamp(backend.max_queue_size()),
+        move |region| device.set_inflight_region(region),
+    )
+}
+
 /// Serves `backend` on `socket_path` until `stop` is requested.
 ///
 /// One listener is kept for the whole run, so a frontend that reconnects finds the socket
 /// without an unlink/rebind window. `after_disconnect` runs after each frontend leaves (e.g.
 /// to flush a disk). On return the worker threads have finished their in-flight requests and
-/// the socket file is removed.
+/// the socket file is removed. A device that tracks in-flight requests keeps the connection's
+/// inflight region until its workers have answered every request of that connection.
 pub fn serve<B>(
     name: &str,
     backend: B,
@@ -223,6 +241,9 @@ where
             source,
         })?;
     info!("{name}: listening on {}", socket_path.display());
+    let tracks_inflight = backend
+        .protocol_features()
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
     let result = loop {
         match wait_for_frontend(&listener, stop) {
             Ok(Wakeup::Stop) => break Ok(()),
@@ -248,7 +269,8 @@ where
                 warn!("{name}: device events of thread {thread_id} not registered: {error}");
             }
         }
-        let relay = match accept_and_relay(&listener, &relay_address) {
+        let inflight = tracks_inflight.then(|| inflight_relay(&backend));
+        let relay = match accept_and_relay(&listener, &relay_address, inflight) {
             Ok(Some(relay)) => relay,
             Ok(None) => continue,
             Err(error) => {
@@ -275,6 +297,13 @@ where
         }
         // Sends each worker its exit event and joins it once its current batch is complete.
         drop(daemon);
+        // Only now: the answers to the requests still in flight at the disconnection were
+        // recorded in the region, which the frontend hands to the next connection.
+        if tracks_inflight {
+            if let Err(error) = backend.set_inflight_region(None) {
+                warn!("{name}: cannot drop the inflight region: {error}");
+            }
+        }
         after_disconnect();
     };
     if let Err(error) = std::fs::remove_file(socket_path) {
