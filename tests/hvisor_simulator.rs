@@ -595,6 +595,24 @@ fn devices_of_two_zones_serve_interleaved_io_from_several_cpus() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// docs/hypervisor-socket.md lets windows share one descriptor at different offsets: each
+/// zone must be served from its own part of the file.
+#[test]
+fn zones_whose_ram_shares_one_file_are_served_from_their_own_part() -> TestResult {
+    let rig = Rig::start(RigOptions {
+        shared_ram_file: true,
+        ..RigOptions::new(&[BLK, BLK_ZONE2])
+    });
+    // The same guest addresses in both zones: only the file offset tells them apart.
+    let mut first = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
+    let mut second = PolledBlk::start(rig.mmio(BLK_ZONE2, 1), area(0), 64)?;
+    for round in 0..4 {
+        write_and_verify(&mut first, &rig.images[0], round * 8, 30 + round as u32)?;
+        write_and_verify(&mut second, &rig.images[1], round * 8, 40 + round as u32)?;
+    }
+    Ok(rig.stop()?)
+}
+
 #[test]
 fn a_descriptor_loop_is_returned_and_serving_goes_on() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));

@@ -11,7 +11,7 @@ use log::info;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{DeviceConfig, DeviceKind};
+use super::config::{DeviceConfig, DeviceKind, VirtioConfig};
 use super::interrupt::InterruptLine;
 use super::mmio::{MmioDevice, MmioRegisters};
 
@@ -57,6 +57,23 @@ pub fn device_name(zone: u32, device: &DeviceConfig) -> String {
     )
 }
 
+/// A device whose host side is open (image, TAP, console, entropy source) but which has no
+/// guest memory yet: everything that can fail on the host's side fails before the daemon
+/// attaches to the hypervisor.
+pub struct OpenDevice {
+    pub zone: u32,
+    pub config: DeviceConfig,
+    pub name: String,
+    backend: OpenBackend,
+}
+
+enum OpenBackend {
+    Blk(BlkBackend),
+    Net(NetBackend),
+    Console(ConsoleBackend),
+    Rng(RngBackend),
+}
+
 fn start<B>(
     name: String,
     backend: B,
@@ -77,76 +94,107 @@ where
     })
 }
 
-/// Creates the backend for `device` of `zone` and puts virtio-mmio in front of it.
-pub fn create(
-    zone: u32,
-    device: &DeviceConfig,
-    memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    line: Arc<InterruptLine>,
-) -> Result<Started, DeviceError> {
-    let name = device_name(zone, device);
-    let backend_error = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Backend {
-        name: name.clone(),
-        source,
-    };
-    match &device.kind {
-        DeviceKind::Blk {
-            img,
-            readonly,
-            serial,
-        } => {
-            let config = BlkConfig {
-                backing: Backing::Image(img.clone()),
-                readonly: *readonly,
-                serial: serial.clone(),
-                num_queues: 1,
-                queue_size: BLK_QUEUE_SIZE,
-                ..BlkConfig::image(img.clone())
+impl OpenDevice {
+    /// Opens the host side of `device` of `zone`.
+    pub fn open(zone: u32, device: &DeviceConfig) -> Result<Self, DeviceError> {
+        let name = device_name(zone, device);
+        let backend_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Backend {
+                name: name.clone(),
+                source,
+            };
+        let backend = match &device.kind {
+            DeviceKind::Blk {
+                img,
+                readonly,
+                serial,
+            } => {
+                let config = BlkConfig {
+                    backing: Backing::Image(img.clone()),
+                    readonly: *readonly,
+                    serial: serial.clone(),
+                    num_queues: 1,
+                    queue_size: BLK_QUEUE_SIZE,
+                    ..BlkConfig::image(img.clone())
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Blk(
+                    BlkBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = BlkBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Net { tap, mac } => {
-            let config = NetConfig {
-                mac: Some(MacAddress(*mac)),
-                ..NetConfig::tap(tap.clone())
+            DeviceKind::Net { tap, mac } => {
+                let config = NetConfig {
+                    mac: Some(MacAddress(*mac)),
+                    ..NetConfig::tap(tap.clone())
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Net(
+                    NetBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = NetBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Console { socket, log } => {
-            let config = ConsoleConfig {
-                backend: socket
-                    .clone()
-                    .map_or(BackendConfig::Pty, BackendConfig::UnixSocket),
-                output_log: log.clone(),
+            DeviceKind::Console { socket, log } => {
+                let config = ConsoleConfig {
+                    backend: socket
+                        .clone()
+                        .map_or(BackendConfig::Pty, BackendConfig::UnixSocket),
+                    output_log: log.clone(),
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                let backend =
+                    ConsoleBackend::new(&config).map_err(|error| backend_error(error.into()))?;
+                if let Some(pty) = backend.pty_path() {
+                    info!(
+                        "{name}: console on {} (attach with `screen {}`)",
+                        pty.display(),
+                        pty.display()
+                    );
+                }
+                OpenBackend::Console(backend)
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend =
-                ConsoleBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            if let Some(pty) = backend.pty_path() {
-                info!(
-                    "{name}: console on {} (attach with `screen {}`)",
-                    pty.display(),
-                    pty.display()
-                );
+            DeviceKind::Rng { source, rate_limit } => {
+                let config = RngConfig {
+                    source: source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
+                    rate_limit: rate_limit.map(RateLimit::per_second),
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Rng(
+                    RngBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Rng { source, rate_limit } => {
-            let config = RngConfig {
-                source: source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
-                rate_limit: rate_limit.map(RateLimit::per_second),
-            }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = RngBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
+        };
+        Ok(OpenDevice {
+            zone,
+            config: device.clone(),
+            name,
+            backend,
+        })
+    }
+
+    /// Puts virtio-mmio in front of the device, on the zone's `memory`.
+    pub fn start(
+        self,
+        memory: GuestMemoryAtomic<GuestMemoryMmap>,
+        line: Arc<InterruptLine>,
+    ) -> Result<Started, DeviceError> {
+        let name = self.name;
+        match self.backend {
+            OpenBackend::Blk(backend) => start(name, Arc::new(backend), memory, line),
+            OpenBackend::Net(backend) => start(name, Arc::new(backend), memory, line),
+            OpenBackend::Console(backend) => start(name, Arc::new(backend), memory, line),
+            OpenBackend::Rng(backend) => start(name, Arc::new(backend), memory, line),
         }
     }
+}
+
+/// Opens every enabled device of the zones `config` serves, in file order.
+pub fn open_all(config: &VirtioConfig) -> Result<Vec<OpenDevice>, DeviceError> {
+    config
+        .served_zones()
+        .flat_map(|zone| zone.devices.iter().map(|device| (zone.id, device)))
+        .map(|(zone, device)| OpenDevice::open(zone, device))
+        .collect()
 }
