@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use hvisor_vhost::hvisor::guest::{BlkGuest, Buffer, DriverQueue, MmioGuest, blk}
 use hvisor_vhost::hvisor::mmio::reg;
 use hvisor_vhost::hvisor::ring::HypervisorSide;
 use support::hvisor::*;
-use vm_memory::{Address, Bytes};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
 const BLK: BlkSpec = BlkSpec {
@@ -471,6 +473,81 @@ fn malformed_register_accesses_are_answered_and_harmless() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// The used index of `queue`, as the driver reads it.
+fn used_index(memory: &vm_memory::GuestMemoryMmap, queue: &DriverQueue) -> TestResult<u16> {
+    Ok(memory.read_obj(queue.used.unchecked_add(2))?)
+}
+
+/// Waits long enough for a worker to have served a request it was kicked for, and checks that
+/// none was: a request served early shows here within microseconds.
+fn assert_nothing_served(
+    memory: &vm_memory::GuestMemoryMmap,
+    queue: &DriverQueue,
+    image: &std::path::Path,
+    what: &str,
+) -> TestResult {
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(used_index(memory, queue)?, 0, "a request was served {what}");
+    assert!(
+        image_bytes(image, 0, 4096) == vec![0; 4096],
+        "the image was written {what}"
+    );
+    Ok(())
+}
+
+/// virtio 1.2 2.1.2 and 3.1.1: the device uses no buffer before DRIVER_OK, and DRIVER_OK
+/// counts only after negotiated features. A notify that comes too early is not lost: the
+/// buffers are served once DRIVER_OK is set.
+#[test]
+fn queues_serve_nothing_before_driver_ok() -> TestResult {
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let image = &rig.images[0];
+    let data = pattern(60, 4096);
+
+    let mmio = rig.mmio(BLK, 0);
+    negotiate(&mmio)?;
+    DriverQueue::clear(memory, 64, area(0))?;
+    let queue = mmio.setup_queue(0, 64, area(0))?;
+    let mut driver = PolledBlk::new(mmio, queue, memory);
+    let head = driver.post(BLK_T_OUT, 0, Payload::Out(&data))?;
+    // Answered after the notify ahead of it in the ring was handled.
+    assert_eq!(
+        driver.mmio.read(reg::STATUS)?,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    );
+    assert_nothing_served(memory, &driver.queue, image, "before DRIVER_OK")?;
+    assert!(logged(&["QueueNotify for queue 0 before DRIVER_OK"]));
+    driver.mmio.driver_ok()?;
+    assert_eq!(driver.wait_used(head)?, 1, "served at DRIVER_OK");
+    driver.acknowledge_interrupt()?;
+    assert!(image_bytes(image, 0, 4096) == data);
+
+    // DRIVER_OK without FEATURES_OK does not stick, and serves nothing either.
+    File::options()
+        .write(true)
+        .open(image)?
+        .write_all_at(&[0; 4096], 0)?;
+    let mmio = rig.mmio(BLK, 0);
+    begin_initialization(&mmio)?;
+    DriverQueue::clear(memory, 64, area(1))?;
+    let queue = mmio.setup_queue(0, 64, area(1))?;
+    mmio.write(
+        reg::STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+    )?;
+    assert_eq!(mmio.read(reg::STATUS)?, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    assert!(logged(&["DRIVER_OK without negotiated features"]));
+    let mut driver = PolledBlk::new(mmio, queue, memory);
+    driver.post(BLK_T_OUT, 0, Payload::Out(&data))?;
+    driver.mmio.read(reg::STATUS)?;
+    assert_nothing_served(memory, &driver.queue, image, "without FEATURES_OK")?;
+
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(2), 64)?;
+    write_and_verify(&mut driver, image, 0, 61)?;
+    Ok(rig.stop()?)
+}
+
 #[test]
 fn accesses_where_no_device_is_are_answered_and_posted_ones_never() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));
@@ -835,6 +912,97 @@ fn a_reset_with_requests_in_flight_is_answered() -> TestResult {
     let data = pattern(22, 4096);
     assert_eq!(guest.write(200, &data)?, blk::S_OK);
     assert!(guest.read(200, 4096)? == (blk::S_OK, data));
+    Ok(rig.stop()?)
+}
+
+/// Initializes the device as a driver does after it reset it itself: no reset of its own.
+fn initialize_after_reset(mmio: MmioGuest<'_>, at: GuestAddress) -> TestResult<PolledBlk<'_>> {
+    let memory = mmio.sim.memory(ZONE).ok_or("zone without RAM")?;
+    mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE)?;
+    mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
+    assert_ne!(offer_features(&mmio, NEGOTIATED)? & STATUS_FEATURES_OK, 0);
+    DriverQueue::clear(memory, 64, at)?;
+    let queue = mmio.setup_queue(0, 64, at)?;
+    mmio.driver_ok()?;
+    Ok(PolledBlk::new(mmio, queue, memory))
+}
+
+/// virtio 1.2 2.4.1: once a reset completes, the device sends no notification of the old
+/// driver's requests, and its interrupt line is clean for the next driver. Completions
+/// signalled just before the reset used to become an interrupt just after it, leaving
+/// InterruptStatus set and the line "asserted", so the next driver's first completion raised
+/// no interrupt at all. The race needs a reset while the worker is completing requests, so
+/// many rounds go through one.
+#[test]
+fn a_reset_with_writes_in_flight_leaves_no_interrupt_behind_and_loses_none() -> TestResult {
+    const ROUNDS: u32 = 100;
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let bridge = rig.sim.bridge();
+    let results_posted = || bridge.res_rear.load(Ordering::Acquire);
+    let buffers = area(4);
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
+    memory.write_slice(&header, buffers)?;
+    let request = [
+        Buffer {
+            addr: buffers,
+            len: 16,
+            device_writable: false,
+        },
+        Buffer {
+            addr: buffers.unchecked_add(4096),
+            len: 0x8000,
+            device_writable: false,
+        },
+        Buffer {
+            addr: buffers.unchecked_add(16),
+            len: 1,
+            device_writable: true,
+        },
+    ];
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
+    for round in 0..ROUNDS {
+        // Write-through makes each request slow enough to reset in the middle of a batch.
+        driver.mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
+        for _ in 0..16 {
+            driver.queue.add(memory, &request)?;
+        }
+        driver.mmio.notify(0)?;
+        wait_until("the first completion", || {
+            Ok(used_index(memory, &driver.queue)? > 0)
+        })?;
+        driver.mmio.write(reg::STATUS, 0)?;
+        let posted_at_reset = results_posted();
+        assert_eq!(
+            driver.mmio.read(reg::INTERRUPT_STATUS)?,
+            0,
+            "round {round}: InterruptStatus right after the reset"
+        );
+
+        let at = area(1 + u64::from(round % 2));
+        driver = initialize_after_reset(rig.mmio(BLK, 0), at)?;
+        assert_eq!(
+            driver.mmio.read(reg::INTERRUPT_STATUS)?,
+            0,
+            "round {round}: InterruptStatus after the re-initialization"
+        );
+        assert_eq!(
+            results_posted(),
+            posted_at_reset,
+            "round {round}: an interrupt was posted after the reset"
+        );
+        rig.sim.take_interrupts();
+
+        let head = driver.post(BLK_T_OUT, 0, Payload::Out(&pattern(round, 512)))?;
+        driver.wait_used(head)?;
+        wait_until("the new driver's interrupt", || {
+            Ok(results_posted() != posted_at_reset)
+        })
+        .map_err(|error| format!("round {round}: {error}"))?;
+        driver.acknowledge_interrupt()?;
+    }
+    write_and_verify(&mut driver, &rig.images[0], 64, 62)?;
     Ok(rig.stop()?)
 }
 

@@ -9,10 +9,9 @@ use hvisor_vhost_net::{MacAddress, NetBackend, NetConfig};
 use hvisor_vhost_rng::{DEFAULT_SOURCE, RateLimit, RngBackend, RngConfig};
 use log::info;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{DeviceConfig, DeviceKind, VirtioConfig};
-use super::interrupt::InterruptLine;
+use super::interrupt::{Injector, InterruptLine};
 use super::mmio::{MmioDevice, MmioRegisters};
 
 /// Queue size offered to hvisor guests; the C daemon offers 512 for blk.
@@ -32,10 +31,11 @@ pub enum DeviceError {
     },
 }
 
-/// A started device: its registers and the call eventfds the interrupt thread watches.
+/// A started device: its registers, and its interrupt line, whose call eventfds the interrupt
+/// thread watches.
 pub struct Started {
     pub registers: Box<dyn MmioRegisters>,
-    pub calls: Vec<EventFd>,
+    pub line: Arc<InterruptLine>,
 }
 
 pub fn kind_name(kind: &DeviceKind) -> &'static str {
@@ -78,7 +78,8 @@ fn start<B>(
     name: String,
     backend: B,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    line: Arc<InterruptLine>,
+    line: (u32, u32),
+    injector: Arc<Injector>,
 ) -> Result<Started, DeviceError>
 where
     B: vhost_user_backend::VhostUserBackend<Vring = vhost_user_backend::VringRwLock, Bitmap = ()>
@@ -86,11 +87,11 @@ where
         + Clone
         + 'static,
 {
-    let (device, calls) = MmioDevice::new(name.clone(), backend, memory, line)
+    let device = MmioDevice::new(name.clone(), backend, memory, line, injector)
         .map_err(|source| DeviceError::Start { name, source })?;
     Ok(Started {
+        line: device.line().clone(),
         registers: Box::new(device),
-        calls,
     })
 }
 
@@ -174,18 +175,19 @@ impl OpenDevice {
         })
     }
 
-    /// Puts virtio-mmio in front of the device, on the zone's `memory`.
+    /// Puts virtio-mmio in front of the device, on the zone's `memory`, with interrupts
+    /// through `injector`.
     pub fn start(
         self,
         memory: GuestMemoryAtomic<GuestMemoryMmap>,
-        line: Arc<InterruptLine>,
+        injector: Arc<Injector>,
     ) -> Result<Started, DeviceError> {
-        let name = self.name;
+        let (name, line) = (self.name, (self.zone, self.config.irq));
         match self.backend {
-            OpenBackend::Blk(backend) => start(name, Arc::new(backend), memory, line),
-            OpenBackend::Net(backend) => start(name, Arc::new(backend), memory, line),
-            OpenBackend::Console(backend) => start(name, Arc::new(backend), memory, line),
-            OpenBackend::Rng(backend) => start(name, Arc::new(backend), memory, line),
+            OpenBackend::Blk(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Net(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Console(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Rng(backend) => start(name, Arc::new(backend), memory, line, injector),
         }
     }
 }

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::abi::{DeviceReq, MAX_DEVS};
 use super::config::{VirtioConfig, ZoneConfig};
 use super::devices::{DeviceError, OpenDevice};
-use super::interrupt::{INT_VRING, Injector, InterruptLine};
+use super::interrupt::{Injector, InterruptLine};
 use super::mmio::MmioRegisters;
 use super::port::{HypervisorPort, PortError};
 use super::ring::{RequestConsumer, answer};
@@ -143,19 +143,16 @@ impl Server {
     ) -> Result<Self, ServerError> {
         let injector = Arc::new(Injector::new(port.clone()));
         let mut windows = Vec::new();
-        let mut interrupt_sources = Vec::new();
+        let mut lines = Vec::new();
         let mut devices = devices.into_iter().peekable();
         for zone in config.served_zones() {
             let memory = GuestMemoryAtomic::new(map_zone(port.as_ref(), zone)?);
             while let Some(device) = devices.next_if(|device| device.zone == zone.id) {
                 let (base, len, irq) = (device.config.addr, device.config.len, device.config.irq);
                 let name = device.name.clone();
-                let line = Arc::new(InterruptLine::new(zone.id, irq, injector.clone()));
-                let started = device.start(memory.clone(), line.clone())?;
+                let started = device.start(memory.clone(), injector.clone())?;
                 info!("{name}: serving {len} bytes at {base:#x}, irq {irq}");
-                for call in started.calls {
-                    interrupt_sources.push((call, line.clone()));
-                }
+                lines.push(started.line);
                 windows.push(Window {
                     zone: zone.id,
                     base,
@@ -171,8 +168,7 @@ impl Server {
             slot.store(window.base, Ordering::Relaxed);
         }
         bridge.mmio_avail.store(1, Ordering::Release);
-        let interrupts =
-            spawn_interrupt_thread(interrupt_sources).map_err(ServerError::Interrupts)?;
+        let interrupts = spawn_interrupt_thread(lines).map_err(ServerError::Interrupts)?;
         Ok(Server {
             port,
             injector,
@@ -338,16 +334,19 @@ impl Drop for Server {
 }
 
 /// One thread turns every queue's call eventfd into INT_VRING on its device's line.
-fn spawn_interrupt_thread(
-    sources: Vec<(EventFd, Arc<InterruptLine>)>,
-) -> io::Result<(EventFd, JoinHandle<()>)> {
+fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
-    for (token, (call, _)) in sources.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            call.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token as u64),
-        )?;
+    // Token = position in `sources`: a line and one of its queues.
+    let mut sources = Vec::new();
+    for line in &lines {
+        for (queue, call) in line.calls().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                call,
+                EpollEvent::new(EventSet::IN, sources.len() as u64),
+            )?;
+            sources.push((line.clone(), queue));
+        }
     }
     let exit = EventFd::new(EFD_NONBLOCK)?;
     let exit_token = sources.len() as u64;
@@ -374,10 +373,8 @@ fn spawn_interrupt_thread(
                     if token == exit_token {
                         return;
                     }
-                    let (call, line) = &sources[token as usize];
-                    if call.read().is_ok() {
-                        line.raise(INT_VRING);
-                    }
+                    let (line, queue) = &sources[token as usize];
+                    line.queue_used_buffers(*queue);
                 }
             }
         })?;
