@@ -172,11 +172,16 @@ fn rng_fills_a_posted_buffer_from_its_source() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// A rig serving a console on the Unix socket `socket`.
+fn console_on(socket: &std::path::Path) -> Rig {
+    rig_with(serde_json::json!({ "type": "console", "socket": socket }))
+}
+
 #[test]
 fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("console.sock");
-    let rig = rig_with(serde_json::json!({ "type": "console", "socket": socket }));
+    let rig = console_on(&socket);
     let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
     let (offered, mut queues) = start_device(&mmio, memory, VIRTIO_ID_CONSOLE, 0, &[128, 128])?;
@@ -219,7 +224,7 @@ fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
 fn console_input_waits_for_driver_ok() -> TestResult {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("console.sock");
-    let rig = rig_with(serde_json::json!({ "type": "console", "socket": socket }));
+    let rig = console_on(&socket);
     let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
     assert_eq!(mmio.probe()?, VIRTIO_ID_CONSOLE);

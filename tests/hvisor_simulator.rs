@@ -867,45 +867,65 @@ fn a_reset_between_requests_gives_a_fresh_device() -> TestResult {
     Ok(rig.stop()?)
 }
 
-#[test]
-fn a_reset_with_requests_in_flight_is_answered() -> TestResult {
-    let rig = Rig::start(RigOptions::new(&[BLK]));
-    let memory = rig.memory(ZONE);
-    let buffers = area(4);
+/// A 32 KiB write of what lies at `at + 4096`, with its header at `at` and its status byte
+/// right after: one chain to publish many times over.
+fn slow_write_request(
+    memory: &vm_memory::GuestMemoryMmap,
+    at: GuestAddress,
+) -> TestResult<[Buffer; 3]> {
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, buffers)?;
-    let request = [
+    memory.write_slice(&header, at)?;
+    Ok([
         Buffer {
-            addr: buffers,
+            addr: at,
             len: 16,
             device_writable: false,
         },
         Buffer {
-            addr: buffers.unchecked_add(4096),
+            addr: at.unchecked_add(4096),
             len: 0x8000,
             device_writable: false,
         },
         Buffer {
-            addr: buffers.unchecked_add(16),
+            addr: at.unchecked_add(16),
             len: 1,
             device_writable: true,
         },
-    ];
-    // The window is a worker in the middle of a batch: reset once it has completed the
-    // first of many requests, each slowed down by write-through (writeback byte 0).
+    ])
+}
+
+/// Publishes `count` copies of `request` and resets the device once the first completed: the
+/// worker is then in the middle of a batch, each request slowed down by write-through
+/// (writeback byte 0).
+fn reset_mid_batch(
+    mmio: &MmioGuest,
+    queue: &mut DriverQueue,
+    memory: &vm_memory::GuestMemoryMmap,
+    request: &[Buffer],
+    count: usize,
+) -> TestResult {
+    mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
+    for _ in 0..count {
+        queue.add(memory, request)?;
+    }
+    mmio.notify(0)?;
+    wait_until(
+        "the first completion",
+        || Ok(used_index(memory, queue)? > 0),
+    )?;
+    mmio.write(reg::STATUS, 0)?;
+    Ok(())
+}
+
+#[test]
+fn a_reset_with_requests_in_flight_is_answered() -> TestResult {
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let request = slow_write_request(memory, area(4))?;
     for round in 0..3 {
         let mut guest = BlkGuest::start(&rig.sim, ZONE, BLK.addr, area(round % 2), 64, 4096)?;
-        guest.mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
-        for _ in 0..20 {
-            guest.queue.add(memory, &request)?;
-        }
-        guest.mmio.notify(0)?;
-        let used_index = guest.queue.used.unchecked_add(2);
-        wait_until("the first completion", || {
-            Ok(memory.read_obj::<u16>(used_index)? > 0)
-        })?;
-        guest.mmio.write(reg::STATUS, 0)?;
+        reset_mid_batch(&guest.mmio, &mut guest.queue, memory, &request, 20)?;
         assert_eq!(guest.mmio.read(reg::STATUS)?, 0, "round {round}");
     }
     let mut guest = BlkGuest::start(&rig.sim, ZONE, BLK.addr, area(2), 64, 4096)?;
@@ -940,39 +960,10 @@ fn a_reset_with_writes_in_flight_leaves_no_interrupt_behind_and_loses_none() -> 
     let memory = rig.memory(ZONE);
     let bridge = rig.sim.bridge();
     let results_posted = || bridge.res_rear.load(Ordering::Acquire);
-    let buffers = area(4);
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, buffers)?;
-    let request = [
-        Buffer {
-            addr: buffers,
-            len: 16,
-            device_writable: false,
-        },
-        Buffer {
-            addr: buffers.unchecked_add(4096),
-            len: 0x8000,
-            device_writable: false,
-        },
-        Buffer {
-            addr: buffers.unchecked_add(16),
-            len: 1,
-            device_writable: true,
-        },
-    ];
+    let request = slow_write_request(memory, area(4))?;
     let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
     for round in 0..ROUNDS {
-        // Write-through makes each request slow enough to reset in the middle of a batch.
-        driver.mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
-        for _ in 0..16 {
-            driver.queue.add(memory, &request)?;
-        }
-        driver.mmio.notify(0)?;
-        wait_until("the first completion", || {
-            Ok(used_index(memory, &driver.queue)? > 0)
-        })?;
-        driver.mmio.write(reg::STATUS, 0)?;
+        reset_mid_batch(&driver.mmio, &mut driver.queue, memory, &request, 16)?;
         let posted_at_reset = results_posted();
         assert_eq!(
             driver.mmio.read(reg::INTERRUPT_STATUS)?,

@@ -83,6 +83,14 @@ fn describe_value(value: &Value) -> String {
     }
 }
 
+fn wrong_type(field: impl Into<String>, expected: &'static str, value: &Value) -> HelloError {
+    HelloError::WrongType {
+        field: field.into(),
+        expected,
+        found: describe_value(value),
+    }
+}
+
 fn field<'v>(
     object: &'v Map<String, Value>,
     name: &str,
@@ -98,14 +106,13 @@ fn unsigned(value: &Value, max: u64, field: String) -> Result<u64, HelloError> {
     value
         .as_u64()
         .filter(|&number| number <= max)
-        .ok_or_else(|| HelloError::WrongType {
-            field,
-            expected: if max == u64::from(u32::MAX) {
+        .ok_or_else(|| {
+            let expected = if max == u64::from(u32::MAX) {
                 "an unsigned 32-bit integer"
             } else {
                 "an unsigned 64-bit integer"
-            },
-            found: describe_value(value),
+            };
+            wrong_type(field, expected, value)
         })
 }
 
@@ -127,10 +134,9 @@ fn descriptor_field(
     value
         .as_u64()
         .and_then(|index| usize::try_from(index).ok())
-        .ok_or_else(|| HelloError::WrongType {
-            field: format!("{path}{name}"),
-            expected: "a descriptor position (an unsigned integer)",
-            found: describe_value(value),
+        .ok_or_else(|| {
+            let expected = "a descriptor position (an unsigned integer)";
+            wrong_type(format!("{path}{name}"), expected, value)
         })
 }
 
@@ -152,13 +158,9 @@ impl HypervisorHello {
             found: describe_value(message),
         })?;
         let protocol = field(object, "protocol", "")?;
-        let Some(protocol) = protocol.as_str() else {
-            return Err(HelloError::WrongType {
-                field: "protocol".into(),
-                expected: "a string",
-                found: describe_value(protocol),
-            });
-        };
+        let protocol = protocol
+            .as_str()
+            .ok_or_else(|| wrong_type("protocol", "a string", protocol))?;
         if protocol != PROTOCOL {
             return Err(HelloError::Protocol {
                 found: protocol.into(),
@@ -171,23 +173,17 @@ impl HypervisorHello {
         let bridge_fd = descriptor_field(object, "bridge_fd", "")?;
         let wakeup_fd = descriptor_field(object, "wakeup_fd", "")?;
         let list = field(object, "windows", "")?;
-        let Some(list) = list.as_array() else {
-            return Err(HelloError::WrongType {
-                field: "windows".into(),
-                expected: "an array",
-                found: describe_value(list),
-            });
-        };
+        let list = list
+            .as_array()
+            .ok_or_else(|| wrong_type("windows", "an array", list))?;
         let windows = list
             .iter()
             .enumerate()
             .map(|(index, window)| {
                 let path = format!("windows[{index}].");
-                let window = window.as_object().ok_or_else(|| HelloError::WrongType {
-                    field: format!("windows[{index}]"),
-                    expected: "an object",
-                    found: describe_value(window),
-                })?;
+                let window = window
+                    .as_object()
+                    .ok_or_else(|| wrong_type(format!("windows[{index}]"), "an object", window))?;
                 Ok(RamWindow {
                     zone: unsigned_field(window, "zone", &path, u64::from(u32::MAX))? as u32,
                     zone0_ipa: unsigned_field(window, "zone0_ipa", &path, u64::MAX)?,
