@@ -527,6 +527,21 @@ fn flush_get_id_and_unknown_types() {
     assert_eq!((status, len), (VIRTIO_BLK_S_UNSUPP as u8, 1));
 }
 
+/// An ID buffer the device may not write gets IOERR, as a read into one does, instead of OK
+/// with no ID delivered.
+#[test]
+fn get_id_into_a_device_readable_buffer_gets_ioerr() {
+    let mut rig = Rig::default(false);
+    rig.fill(DATA, 20, 0xaa);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 20), status_buffer()],
+    );
+    assert_eq!((status, len), (ioerr(), 1));
+    assert_eq!(rig.bytes(DATA, 20), vec![0xaa; 20]);
+}
+
 fn range_segment(rig: &Rig, at: u64, sector: u64, sectors: u32, flags: u32) {
     let segment = DiscardWriteZeroesSegment {
         sector: Le64::from(sector),
