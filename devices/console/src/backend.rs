@@ -13,7 +13,6 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le16, Le32};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -23,7 +22,9 @@ use hvisor_vhost_device::chain::{Direction, Segment, collect_segments, read_stre
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{QueueState, has_available_buffers, queue_is_live, serve_queue};
+use hvisor_vhost_device::queue::{
+    FaultHandler, QueueState, Rings, has_available_buffers, queue_is_live, serve_queue,
+};
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_CONSOLE, VirtioDevice};
 
 use crate::config::{BackendConfig, ConsoleConfig};
@@ -98,6 +99,7 @@ struct Console {
     input_open: bool,
     segments: Vec<Segment>,
     chunk: Vec<u8>,
+    rings: Rings,
 }
 
 impl Console {
@@ -243,15 +245,15 @@ impl Console {
                     self.pending_tx = Some(pending);
                     return Ok((completed, QueueState::Blocked));
                 }
-                pending
-                    .vring
-                    .add_used(pending.head, 0)
-                    .map_err(io::Error::other)?;
-                completed += 1;
+                if self
+                    .rings
+                    .add_used(&pending.vring, TRANSMITQ, pending.head, 0)
+                {
+                    completed += 1;
+                }
                 continue;
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
+            let Some(chain) = self.rings.pop(vring, TRANSMITQ, mem) else {
                 return Ok((completed, QueueState::Drained));
             };
             let head = chain.head_index();
@@ -271,8 +273,9 @@ impl Console {
                     GUEST_MISTAKES.warn(format_args!(
                         "transmitq: chain at descriptor {head} returned unused: {error}"
                     ));
-                    vring.add_used(head, 0).map_err(io::Error::other)?;
-                    completed += 1;
+                    if self.rings.add_used(vring, TRANSMITQ, head, 0) {
+                        completed += 1;
+                    }
                 }
             }
         }
@@ -325,8 +328,7 @@ impl Console {
                     return Ok((completed, QueueState::Blocked));
                 }
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
+            let Some(chain) = self.rings.pop(vring, RECEIVEQ, mem) else {
                 return Ok((completed, QueueState::Drained));
             };
             let head = chain.head_index();
@@ -354,8 +356,9 @@ impl Console {
                         0
                     }
                 };
-            vring.add_used(head, used_len).map_err(io::Error::other)?;
-            completed += 1;
+            if self.rings.add_used(vring, RECEIVEQ, head, used_len) {
+                completed += 1;
+            }
         }
     }
 
@@ -522,6 +525,7 @@ impl ConsoleBackend {
                 input_open: true,
                 segments: Vec::new(),
                 chunk: vec![0; CHUNK],
+                rings: Rings::default(),
             }),
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
@@ -557,6 +561,10 @@ impl ConsoleBackend {
 impl VirtioDevice for ConsoleBackend {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.console().rings.set_fault_handler(handler);
     }
 
     fn attach_event_registry(
@@ -656,14 +664,13 @@ impl VhostUserBackend for ConsoleBackend {
                 )),
             }
         }
-        pending
-            .vring
-            .add_used(pending.head, 0)
-            .map_err(io::Error::other)?;
-        if pending
-            .vring
-            .needs_notification()
-            .map_err(io::Error::other)?
+        if console
+            .rings
+            .add_used(&pending.vring, TRANSMITQ, pending.head, 0)
+            && pending
+                .vring
+                .needs_notification()
+                .map_err(io::Error::other)?
         {
             pending.vring.signal_used_queue()?;
         }
