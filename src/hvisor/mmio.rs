@@ -10,16 +10,22 @@
 //! QueueSel is bounds checked, queue sizes are validated, address halves are stored without
 //! OR-ing stale bits, config accesses are bounded and masked to their size, and config
 //! writes reach the device.
+//!
+//! A queue the device stopped because the driver broke its ring (an avail index more than the
+//! ring's size ahead) sets DEVICE_NEEDS_RESET in Status with one configuration-change
+//! interrupt (virtio 1.2, 2.1.2); the bit stays set until the driver resets the device.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
@@ -27,9 +33,10 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use hvisor_vhost_device::queue::{FaultHandler, QueueFault};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
-use super::interrupt::InterruptLine;
+use super::interrupt::{INT_CONFIG, InterruptLine};
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
@@ -123,7 +130,25 @@ where
     queue_sel: u32,
     queues: Vec<QueueRegisters>,
     status: u32,
+    /// DEVICE_NEEDS_RESET, set from a worker thread by [`needs_reset_on_fault`].
+    needs_reset: Arc<AtomicBool>,
     config_generation: u32,
+}
+
+/// Sets DEVICE_NEEDS_RESET and raises INT_CONFIG on the first fault since the last reset.
+fn needs_reset_on_fault(
+    name: String,
+    needs_reset: Arc<AtomicBool>,
+    line: Arc<InterruptLine>,
+) -> FaultHandler {
+    Arc::new(move |fault: &QueueFault| {
+        // Relaxed: the driver learns of the bit through INT_CONFIG, whose line lock orders
+        // this store before its InterruptStatus read, and so before its Status read.
+        if !needs_reset.swap(true, Ordering::Relaxed) {
+            warn!("{name}: {fault}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
+            line.raise(INT_CONFIG);
+        }
+    })
 }
 
 impl<B> MmioDevice<B>
@@ -156,6 +181,12 @@ where
             kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
             calls.push(call);
         }
+        let needs_reset = Arc::new(AtomicBool::new(false));
+        backend.set_fault_handler(needs_reset_on_fault(
+            name.clone(),
+            needs_reset.clone(),
+            line.clone(),
+        ));
         let mut device = MmioDevice {
             name,
             device_id: backend.device_type(),
@@ -171,6 +202,7 @@ where
             queue_sel: 0,
             queues: vec![QueueRegisters::default(); num_queues],
             status: 0,
+            needs_reset,
             config_generation: 0,
         };
         device.start_workers()?;
@@ -251,7 +283,8 @@ where
             self.reset();
             return;
         }
-        let mut status = value;
+        // DEVICE_NEEDS_RESET is the device's to set (a driver writing back what it read).
+        let mut status = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let newly_features_ok = value & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         if newly_features_ok {
@@ -289,6 +322,8 @@ where
         }
         self.queues.fill(QueueRegisters::default());
         self.backend.reset_device();
+        // After the queues stopped: their workers, the only ones to set it, are done.
+        self.needs_reset.store(false, Ordering::Relaxed);
         self.line.reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -426,6 +461,9 @@ where
             reg::QUEUE_NUM => queue.map_or(0, |queue| u32::from(queue.num)),
             reg::QUEUE_READY => queue.map_or(0, |queue| u32::from(queue.ready)),
             reg::INTERRUPT_STATUS => self.line.status(),
+            reg::STATUS if self.needs_reset.load(Ordering::Relaxed) => {
+                self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+            }
             reg::STATUS => self.status,
             reg::QUEUE_DESC_LOW => queue.map_or(0, |queue| queue.desc as u32),
             reg::QUEUE_DESC_HIGH => queue.map_or(0, |queue| (queue.desc >> 32) as u32),
