@@ -6,8 +6,6 @@
 mod support;
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hvisor_vhost::vhost_user::{STOP_BOUND, STOP_TIMED_OUT_STATUS};
@@ -72,28 +70,15 @@ impl Drop for FrozenThread {
     }
 }
 
-fn start_rng(dir: &Path) -> (Daemon, VhostUserDriver) {
-    let socket = dir.join("rng.sock");
-    let mut command = Command::new(BINARY);
-    command
-        .arg("rng")
-        .arg("--socket-path")
-        .arg(&socket)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
-    daemon.wait_for_path(&socket, TIMEOUT);
+#[test]
+fn sigterm_ends_the_daemon_within_the_bound_while_a_worker_is_stuck() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut daemon, socket) = Daemon::serve(BINARY, "rng", dir.path(), &[], TIMEOUT);
     let config = DriverConfig {
         queue_size: 64,
         ..DriverConfig::default()
     };
-    let driver = VhostUserDriver::connect(&socket, &config).expect("connect to the daemon");
-    (daemon, driver)
-}
-
-#[test]
-fn sigterm_ends_the_daemon_within_the_bound_while_a_worker_is_stuck() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (mut daemon, mut driver) = start_rng(dir.path());
+    let mut driver = VhostUserDriver::connect(&socket, &config).expect("connect to the daemon");
     driver.submit(0, &[], &[64]).expect("submit a request");
     let used = driver.wait_used(0, TIMEOUT).expect("the worker serves");
     assert_eq!(used.len, 64);

@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hvisor_vhost_rng::backend::{MAX_REQUEST_BYTES, QUEUE_SIZE};
@@ -20,16 +19,7 @@ const REQUESTQ: usize = 0;
 /// Starts `hvisor-vhost rng` with `args` in `dir` and connects a driver with `mem_size` bytes
 /// of guest RAM.
 fn start(dir: &Path, args: &[&str], mem_size: u64) -> (Daemon, VhostUserDriver) {
-    let socket = dir.join("rng.sock");
-    let mut command = Command::new(BINARY);
-    command
-        .arg("rng")
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
-    daemon.wait_for_path(&socket, TIMEOUT);
+    let (daemon, socket) = Daemon::serve(BINARY, "rng", dir, args, TIMEOUT);
     let config = DriverConfig {
         queue_size: QUEUE_SIZE,
         mem_size,
@@ -112,15 +102,7 @@ fn a_source_file_fills_buffers_with_its_bytes_in_order() {
 #[test]
 fn a_broken_ring_stops_its_queue_and_the_daemon_serves_on() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("rng.sock");
-    let mut command = Command::new(BINARY);
-    command
-        .arg("rng")
-        .arg("--socket-path")
-        .arg(&socket)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, &dir.path().join("daemon.log"));
-    daemon.wait_for_path(&socket, TIMEOUT);
+    let (mut daemon, socket) = Daemon::serve(BINARY, "rng", dir.path(), &[], TIMEOUT);
     let config = DriverConfig {
         queue_size: QUEUE_SIZE,
         event_idx: true,

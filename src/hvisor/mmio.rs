@@ -136,6 +136,10 @@ where
 }
 
 /// Sets DEVICE_NEEDS_RESET and raises INT_CONFIG on the first fault since the last reset.
+///
+/// Runs on the queue's worker, inside its batch: a reset waits for that batch (`stop_vring`)
+/// before it clears the bit and the line, so no stale configuration-change interrupt can
+/// follow the reset.
 fn needs_reset_on_fault(
     name: String,
     needs_reset: Arc<AtomicBool>,
