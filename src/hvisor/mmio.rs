@@ -19,13 +19,14 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
@@ -33,10 +34,11 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use hvisor_vhost_device::log_limit::LogLimiter;
 use hvisor_vhost_device::queue::{FaultHandler, QueueFault};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
-use super::interrupt::{INT_CONFIG, InterruptLine};
+use super::interrupt::{INT_CONFIG, Injector, InterruptLine};
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
@@ -133,6 +135,25 @@ where
     /// DEVICE_NEEDS_RESET, set from a worker thread by [`needs_reset_on_fault`].
     needs_reset: Arc<AtomicBool>,
     config_generation: u32,
+    mistakes: GuestMistakes,
+}
+
+/// Mistakes a driver can repeat at will: each kind is logged at most once a second per device.
+struct GuestMistakes {
+    early_notify: LogLimiter,
+    notify: LogLimiter,
+    status: LogLimiter,
+}
+
+impl GuestMistakes {
+    fn new() -> Self {
+        let limiter = || LogLimiter::new(module_path!(), Duration::from_secs(1));
+        GuestMistakes {
+            early_notify: limiter(),
+            notify: limiter(),
+            status: limiter(),
+        }
+    }
 }
 
 /// Sets DEVICE_NEEDS_RESET and raises INT_CONFIG on the first fault since the last reset.
@@ -159,14 +180,14 @@ impl<B> MmioDevice<B>
 where
     B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
-    /// Sets up the queues and worker threads. Returns the device and, per queue, the call
-    /// eventfd the interrupt thread must watch.
+    /// Sets up the queues, their interrupt line (`irq` of `zone`) and the worker threads.
     pub fn new(
         name: String,
         backend: B,
         memory: GuestMemoryAtomic<GuestMemoryMmap>,
-        line: Arc<InterruptLine>,
-    ) -> std::io::Result<(Self, Vec<EventFd>)> {
+        (zone, irq): (u32, u32),
+        injector: Arc<Injector>,
+    ) -> std::io::Result<Self> {
         backend.update_memory(memory.clone())?;
         let num_queues = backend.num_queues();
         let max_size = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
@@ -185,6 +206,7 @@ where
             kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
             calls.push(call);
         }
+        let line = Arc::new(InterruptLine::new(zone, irq, injector, calls));
         let needs_reset = Arc::new(AtomicBool::new(false));
         backend.set_fault_handler(needs_reset_on_fault(
             name.clone(),
@@ -208,9 +230,15 @@ where
             status: 0,
             needs_reset,
             config_generation: 0,
+            mistakes: GuestMistakes::new(),
         };
         device.start_workers()?;
-        Ok((device, calls))
+        Ok(device)
+    }
+
+    /// The device's interrupt line, whose call eventfds the interrupt thread watches.
+    pub fn line(&self) -> &Arc<InterruptLine> {
+        &self.line
     }
 
     /// One thread per `queues_per_thread` mask, each waiting on the kicks of its queues.
@@ -288,8 +316,17 @@ where
             return;
         }
         // DEVICE_NEEDS_RESET is the device's to set (a driver writing back what it read).
-        let mut status = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
-        let newly_features_ok = value & VIRTIO_CONFIG_S_FEATURES_OK != 0
+        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let cleared = self.status & !value;
+        if cleared != 0 {
+            self.mistakes.status.warn(format_args!(
+                "{}: Status {value:#x} would clear bits {cleared:#x}; only a reset (0) clears \
+                 them, so they stay set",
+                self.name
+            ));
+        }
+        let mut status = self.status | value;
+        let newly_features_ok = status & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         if newly_features_ok {
             let offered = self.offered_features();
@@ -311,15 +348,53 @@ where
                 );
             }
         }
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            self.mistakes.status.warn(format_args!(
+                "{}: DRIVER_OK without negotiated features (FEATURES_OK is clear); DRIVER_OK \
+                 stays clear and the queues stay stopped",
+                self.name
+            ));
+            status &= !VIRTIO_CONFIG_S_DRIVER_OK;
+        }
+        let was_live = self.driver_ok();
         self.status = status;
+        if !was_live && self.driver_ok() {
+            self.start_queues();
+        }
+    }
+
+    /// DRIVER_OK after negotiated features: only then may the device use its queues (virtio
+    /// 1.2, 2.1.2 and 3.1.1).
+    fn driver_ok(&self) -> bool {
+        let live = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        self.status & live == live
+    }
+
+    /// At DRIVER_OK: the ready queues go live, and each is kicked once, so that buffers the
+    /// driver made available before (and any notify it sent too early) are served now.
+    fn start_queues(&self) {
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.ready {
+                self.vrings[index].set_enabled(true);
+                self.kick(index);
+            }
+        }
+    }
+
+    fn kick(&self, index: usize) {
+        log::trace!("{}: kick queue {index}", self.name);
+        if let Err(error) = self.kicks[index].write(1) {
+            error!("{}: kicking queue {index}: {error}", self.name);
+        }
     }
 
     fn features_locked(&self) -> bool {
         self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
     }
 
-    /// Device reset (Status = 0): queues stopped and cleared, features and interrupt state
-    /// forgotten, the backend reset.
+    /// Device reset (Status = 0): queues stopped and cleared (stopping a queue waits for its
+    /// worker's batch in flight), features forgotten, the backend reset, and then the interrupt
+    /// line cleaned: nothing the old driver caused reaches the guest after the reset.
     fn reset(&mut self) {
         for index in 0..self.queues.len() {
             self.disable_queue(index);
@@ -385,7 +460,9 @@ where
             );
             return;
         }
-        vring.set_enabled(true);
+        // Live only from DRIVER_OK on; until then neither kicks nor the device's own events
+        // (input on a console or TAP) use the queue.
+        vring.set_enabled(self.driver_ok());
         self.queues[index].ready = true;
         debug!(
             "{}: queue {index} ready with {} entries",
@@ -394,17 +471,18 @@ where
     }
 
     fn notify(&self, value: u64) {
-        match self.kicks.get(value as usize) {
-            Some(kick) if self.queues[value as usize].ready => {
-                log::trace!("{}: kick queue {value}", self.name);
-                if let Err(error) = kick.write(1) {
-                    error!("{}: kicking queue {value}: {error}", self.name);
-                }
-            }
-            _ => warn!(
+        let index = usize::try_from(value).unwrap_or(usize::MAX);
+        match self.queues.get(index) {
+            Some(queue) if queue.ready && self.driver_ok() => self.kick(index),
+            Some(queue) if queue.ready => self.mistakes.early_notify.warn(format_args!(
+                "{}: QueueNotify for queue {value} before DRIVER_OK; its buffers are served \
+                 once the driver sets DRIVER_OK",
+                self.name
+            )),
+            _ => self.mistakes.notify.warn(format_args!(
                 "{}: QueueNotify for queue {value}, which is not ready",
                 self.name
-            ),
+            )),
         }
     }
 
