@@ -1053,6 +1053,43 @@ fn a_broken_ring_sets_needs_reset_until_the_device_is_reset() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// A ring breaks while the result ring is full and the line is free: the configuration-change
+/// interrupt waits for room on the interrupt thread, not on the queue's worker, so a reset
+/// (which waits for the worker's batch) is still answered at once, and drops the stale
+/// interrupt.
+#[test]
+fn a_broken_ring_with_a_full_result_ring_does_not_hold_up_a_reset() -> TestResult {
+    let rig = Rig::start(RigOptions {
+        gated_results: true,
+        ..RigOptions::new(&[BLK])
+    });
+    let memory = rig.memory(ZONE);
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 1), area(0), 64)?;
+    fill_the_result_ring(&rig, &mut driver)?;
+    driver.acknowledge_interrupt()?;
+    let used: u16 = memory.read_obj(driver.queue.used.unchecked_add(2))?;
+    memory.write_obj(
+        used.wrapping_add(64 + 8),
+        driver.queue.avail.unchecked_add(2),
+    )?;
+    driver.mmio.notify(0)?;
+    wait_until("DEVICE_NEEDS_RESET", || {
+        Ok(driver.mmio.read(reg::STATUS)? & 0x40 != 0)
+    })?;
+    let started = Instant::now();
+    driver.mmio.write(reg::STATUS, 0)?;
+    let reset_took = started.elapsed();
+    assert!(
+        reset_took < Duration::from_millis(250),
+        "the reset waited {reset_took:?} behind the full result ring"
+    );
+    assert_eq!(driver.mmio.read(reg::INTERRUPT_STATUS)?, 0);
+    rig.gate().resume()?;
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 1), area(1), 64)?;
+    write_and_verify(&mut driver, &rig.images[0], 64, 32)?;
+    Ok(rig.stop()?)
+}
+
 #[test]
 fn the_daemon_stops_when_the_hypervisor_side_hangs_up() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));

@@ -38,7 +38,7 @@ use hvisor_vhost_device::log_limit::LogLimiter;
 use hvisor_vhost_device::queue::{FaultHandler, QueueFault};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
-use super::interrupt::{INT_CONFIG, Injector, InterruptLine};
+use super::interrupt::{Injector, InterruptLine};
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
@@ -156,22 +156,28 @@ impl GuestMistakes {
     }
 }
 
-/// Sets DEVICE_NEEDS_RESET and raises INT_CONFIG on the first fault since the last reset.
+/// Sets DEVICE_NEEDS_RESET and signals a configuration change (INT_CONFIG, through the
+/// interrupt thread, so the worker never waits for room in the result ring) on the first fault
+/// since the last reset.
 ///
 /// Runs on the queue's worker, inside its batch: a reset waits for that batch (`stop_vring`)
-/// before it clears the bit and the line, so no stale configuration-change interrupt can
-/// follow the reset.
+/// before it clears the bit and drains the signal with the line's others, so no stale
+/// configuration-change interrupt follows the reset.
 fn needs_reset_on_fault(
     name: String,
     needs_reset: Arc<AtomicBool>,
-    line: Arc<InterruptLine>,
+    config_change: EventFd,
 ) -> FaultHandler {
     Arc::new(move |fault: &QueueFault| {
-        // Relaxed: the driver learns of the bit through INT_CONFIG, whose line lock orders
-        // this store before its InterruptStatus read, and so before its Status read.
-        if !needs_reset.swap(true, Ordering::Relaxed) {
-            warn!("{name}: {fault}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
-            line.raise(INT_CONFIG);
+        // Relaxed: the driver learns of the bit through INT_CONFIG, which the interrupt thread
+        // raises only after reading the eventfd written below (the kernel orders the two), and
+        // the line's lock orders INT_CONFIG before the driver's Status read.
+        if needs_reset.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        warn!("{name}: {fault}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
+        if let Err(error) = config_change.write(1) {
+            error!("{name}: cannot signal the configuration change: {error}");
         }
     })
 }
@@ -206,12 +212,12 @@ where
             kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
             calls.push(call);
         }
-        let line = Arc::new(InterruptLine::new(zone, irq, injector, calls));
         let needs_reset = Arc::new(AtomicBool::new(false));
+        let config_change = EventFd::new(EFD_NONBLOCK)?;
         backend.set_fault_handler(needs_reset_on_fault(
             name.clone(),
             needs_reset.clone(),
-            line.clone(),
+            config_change.try_clone()?,
         ));
         let mut device = MmioDevice {
             name,
@@ -220,7 +226,13 @@ where
             memory,
             vrings,
             kicks,
-            line,
+            line: Arc::new(InterruptLine::new(
+                zone,
+                irq,
+                injector,
+                calls,
+                config_change,
+            )),
             workers: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
