@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::frontend_relay;
+use crate::memory_backing::FaultWatch;
 use hvisor_vhost_device::exit::WorkerExitEvents;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -195,12 +197,14 @@ enum ConnectionError {
     Relay(io::Error),
 }
 
-/// One frontend's vhost-user-backend daemon, with the exit events the crate leaves to us.
+/// One frontend's vhost-user-backend daemon, with the exit events the crate leaves to us and
+/// the watch over the frontend's memory files.
 struct ConnectionDaemon<B: VhostUserBackend> {
     // Declared first, dropped first: its drop joins the worker threads, which wait on
-    // `_exit_events` until then.
+    // `_exit_events` and may touch guest memory until then.
     daemon: VhostUserDaemon<B>,
     _exit_events: WorkerExitEvents,
+    faults: Arc<FaultWatch>,
 }
 
 impl<B> ConnectionDaemon<B>
@@ -211,6 +215,7 @@ where
     /// A daemon per connection: vhost-user-backend keeps ownership and ring state in its
     /// handler, so a second frontend on the same daemon would be refused at SET_OWNER.
     fn new(name: &str, backend: &B) -> Result<Self, ConnectionError> {
+        let faults = Arc::new(FaultWatch::new());
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let (daemon, exit_events) =
             WorkerExitEvents::collect(backend.queues_per_thread().len(), || {
@@ -229,6 +234,7 @@ where
         Ok(ConnectionDaemon {
             daemon,
             _exit_events: exit_events,
+            faults,
         })
     }
 }
@@ -290,10 +296,17 @@ where
         .daemon
         .start(&mut relay_listener)
         .map_err(ConnectionError::Start)?;
+    let policy = frontend_relay::Policy {
+        features: backend.features(),
+        protocol_features: (backend.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK)
+            .bits(),
+        max_queue_size: u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX),
+    };
+    let faults = connection.faults.clone();
     let relay = std::thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
-            if let Err(error) = frontend_relay::relay(frontend, backend_end) {
+            if let Err(error) = frontend_relay::relay(frontend, backend_end, policy, faults) {
                 debug!("vhost-user relay ended: {error}");
             }
         });
@@ -320,6 +333,11 @@ where
     }
     // Sends each worker its exit event and joins it once its current batch is complete.
     drop(connection);
+    // The device keeps the memory it was last given. Let it go, or the departed frontend's
+    // guest RAM would stay allocated through our mapping until the next frontend's table.
+    if let Err(error) = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
+        warn!("{name}: cannot release the memory of the frontend that left: {error}");
+    }
     Ok(true)
 }
 
