@@ -417,6 +417,56 @@ fn a_memory_file_shrunk_under_the_device_is_survived() {
     fixture.assert_still_serving();
 }
 
+/// Log lines of `log` that contain `needle`, counted per second of their timestamp.
+fn lines_per_second(log: &str, needle: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in log.lines().filter(|line| line.contains(needle)) {
+        // env_logger's "[2026-12-04T18:09:08Z LEVEL target] message".
+        let second = line.get(1..21).unwrap_or(line).to_owned();
+        *counts.entry(second).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A frontend publishes an avail index far beyond its ring and kicks without pause:
+/// virtio-queue logs an error at every pass over the ring, but the daemon's log gets at most
+/// the logger's per-site budget each second.
+#[test]
+fn a_flood_of_crate_errors_is_held_to_a_bounded_rate() {
+    let fixture = Fixture::start();
+    let config = DriverConfig::default();
+    let mut driver = VhostUserDriver::connect(&fixture.socket, &config).expect("set-up");
+    // Queue 0's avail ring follows its page-aligned descriptor table (see support::frontend).
+    let descriptor_table = u64::from(config.queue_size) * 16;
+    let avail_index = GuestAddress(config.mem_base + descriptor_table.next_multiple_of(PAGE) + 2);
+    driver
+        .write_memory(avail_index, &(config.queue_size + 8).to_le_bytes())
+        .expect("publish a bad avail index");
+    let flood_end = Instant::now() + Duration::from_secs(3);
+    let mut kicks = 0u64;
+    while Instant::now() < flood_end {
+        driver.kick(0).expect("kick");
+        kicks += 1;
+        if kicks % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    drop(driver);
+    // The last second's summary is written once that second is over.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = fixture.daemon.log();
+    let errors = lines_per_second(&log, "Iterator error");
+    println!("{kicks} kicks; crate error lines per second: {errors:?}");
+    assert!(!errors.is_empty(), "the bad avail index was not noticed");
+    let limit = hvisor_vhost::logging::LINES_PER_SECOND as usize;
+    for (second, count) in &errors {
+        assert!(
+            *count <= limit,
+            "{count} lines of the same error in second {second}, more than {limit}"
+        );
+    }
+}
+
 /// Whether `pid` maps or holds a descriptor of a file whose name contains `name`.
 fn holds_file(pid: libc::pid_t, name: &str) -> bool {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("daemon maps");
