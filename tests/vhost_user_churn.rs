@@ -315,6 +315,9 @@ fn a_connection_that_cannot_be_set_up_does_not_end_the_daemon() {
     let socket = dir.path().join("limits.sock");
     let mut daemon = start_blk(dir.path(), &socket, 4);
     let idle_threads = usage(daemon.pid()).threads;
+    // The first memory table also sets up what the daemon keeps for good (its SIGBUS
+    // handler's descriptors).
+    set_up_with_io(&socket, 4, 0);
     let baseline = settled_usage(&daemon, &socket);
     // 8 for the four exit events, then 3 for the first worker's epoll and vring-enable
     // eventfd, and the second worker's epoll: its vring-enable eventfd fails.
