@@ -34,6 +34,7 @@ use vhost::vhost_user::message::{
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::memory_backing::{FaultWatch, RegionFile, drain_fault_event};
+use crate::vhost_user::wait_readable;
 
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
@@ -168,29 +169,10 @@ struct FrontendReader<'a> {
 impl FrontendReader<'_> {
     /// Waits until the frontend sent something or closed.
     fn wait_readable(&self) -> io::Result<()> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.faults.fault_event(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         loop {
-            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if ready < 0 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error);
-            }
-            if fds[1].revents != 0 {
+            let [frontend, fault] =
+                wait_readable([self.stream.as_raw_fd(), self.faults.fault_event()])?;
+            if fault {
                 drain_fault_event();
                 // The event is shared by every connection's watch: another's fault is not
                 // ours to act on.
@@ -204,7 +186,7 @@ impl FrontendReader<'_> {
                     return Err(io::Error::other("guest memory file shrunk"));
                 }
             }
-            if fds[0].revents != 0 {
+            if frontend {
                 return Ok(());
             }
         }

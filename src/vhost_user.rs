@@ -144,36 +144,38 @@ enum Wakeup {
 }
 
 fn wait_for_frontend(listener: &Listener, stop: &StopSignal) -> io::Result<Wakeup> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
     loop {
         if stop.is_requested() {
             return Ok(Wakeup::Stop);
         }
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if fds[1].revents != 0 {
+        let [frontend, stop_requested] =
+            wait_readable([listener.as_raw_fd(), stop.wake.as_raw_fd()])?;
+        if stop_requested {
             return Ok(Wakeup::Stop);
         }
-        if fds[0].revents != 0 {
+        if frontend {
             return Ok(Wakeup::Frontend);
+        }
+    }
+}
+
+/// Waits until one of `fds` is readable (or closed) and says which are. A negative
+/// descriptor is skipped.
+pub(crate) fn wait_readable(fds: [RawFd; 2]) -> io::Result<[bool; 2]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `polled` is a valid array of two pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if ready >= 0 {
+            return Ok(polled.map(|fd| fd.revents != 0));
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
         }
     }
 }

@@ -239,7 +239,6 @@ fn a_memory_table_of_more_than_eight_regions_is_refused() {
     fixture.expect_log("SET_MEM_TABLE refused: 9 regions, more than the 8 of a memory table");
     frontend.set_mem_table(&regions[..8]).expect("8 regions");
     drop(frontend);
-    eprintln!("{}", fixture.daemon.log());
     fixture.assert_still_serving();
 }
 
@@ -273,7 +272,6 @@ fn memory_slots_beyond_the_reported_count_are_refused() {
         .add_mem_region(&slot_region(slots))
         .expect("ADD_MEM_REG after REM_MEM_REG");
     drop(frontend);
-    eprintln!("{}", fixture.daemon.log());
     fixture.assert_still_serving();
 }
 
@@ -352,7 +350,6 @@ fn regions_not_backed_by_their_file_are_refused() {
         .set_mem_table(&[region(&file, 0x1_0000_0000, 16 * PAGE, 0)])
         .expect("a region its file backs");
     drop(frontend);
-    eprintln!("{}", fixture.daemon.log());
     fixture.assert_still_serving();
 }
 
