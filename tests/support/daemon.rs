@@ -97,6 +97,23 @@ impl Daemon {
     }
 }
 
+/// A start-up failure as the README promises it: exit status 1 (not a signal), and one error
+/// line, the last of the log, containing every one of `parts`.
+pub fn assert_one_error(status: ExitStatus, log: &str, parts: &[&str]) {
+    let context = format!("status {status}, log:\n{log}");
+    assert_eq!(status.code(), Some(1), "{context}");
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" ERROR ") || line.contains(" WARN "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected; {context}");
+    assert!(errors[0].contains(" ERROR "), "{context}");
+    assert_eq!(log.lines().last(), Some(errors[0]), "{context}");
+    for part in parts {
+        assert!(errors[0].contains(part), "{part:?} missing; {context}");
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Errors mean the process already exited, which is what we want.
