@@ -6,6 +6,8 @@
 pub mod cli;
 mod frontend_relay;
 pub mod hvisor;
+pub mod logging;
+mod memory_backing;
 pub mod vhost_user;
 
 use std::io;

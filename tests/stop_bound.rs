@@ -18,7 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const WORKER_NAME: &str = "vring_worker";
 
 /// The thread ids of `pid` named `name`.
-fn threads_named(pid: u32, name: &str) -> Vec<libc::pid_t> {
+fn threads_named(pid: libc::pid_t, name: &str) -> Vec<libc::pid_t> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .expect("the daemon's thread list")
         .flatten()
@@ -83,7 +83,7 @@ fn sigterm_ends_the_daemon_within_the_bound_while_a_worker_is_stuck() {
     let used = driver.wait_used(0, TIMEOUT).expect("the worker serves");
     assert_eq!(used.len, 64);
 
-    let pid = daemon.id();
+    let pid = daemon.pid();
     let workers = threads_named(pid, WORKER_NAME);
     assert_eq!(workers.len(), 1, "one worker thread for the rng queue");
     let frozen = FrozenThread::freeze(workers[0]);

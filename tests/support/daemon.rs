@@ -37,13 +37,14 @@ impl Daemon {
         }
     }
 
-    pub fn id(&self) -> u32 {
-        self.child.id()
+    /// The process id, for reading `/proc/PID` or changing its limits.
+    pub fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t")
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
     pub fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        let pid = self.pid();
         // SAFETY: kill has no memory-safety preconditions. The child is not
         // reaped before `wait_exit` or drop, so the pid is still ours.
         let result = unsafe { libc::kill(pid, signal) };
