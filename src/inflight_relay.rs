@@ -2,7 +2,7 @@
 //!
 //! vhost-user-backend 0.24 refuses GET_INFLIGHT_FD and SET_INFLIGHT_FD, so once the frontend has
 //! acked the protocol feature (which only devices that track in-flight requests offer) the relay
-//! answers both itself: GET_INFLIGHT_FD gets a fresh sealed memfd sized for the queues the
+//! has both answered here: GET_INFLIGHT_FD gets a fresh sealed memfd sized for the queues the
 //! frontend names, SET_INFLIGHT_FD maps the region the frontend kept (the one a previous backend
 //! process filled, after a crash) and hands it to the device. The device resubmits what the
 //! region holds in flight on the queue's first event, which needs no kick from a driver that
@@ -16,10 +16,8 @@ use std::sync::Arc;
 
 use hvisor_vhost_device::inflight::{InflightRegion, create_region_file};
 use log::{info, warn};
-use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::FrontendReq;
 
-const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
-const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
 const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
 const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
 /// `VhostUserInflight`: u64 mmap_size, u64 mmap_offset, u16 num_queues, u16 queue_size, padded
@@ -40,8 +38,6 @@ pub struct InflightRelay {
     num_queues: u16,
     max_queue_size: u16,
     set_region: SetRegion,
-    /// The frontend acked `INFLIGHT_SHMFD`.
-    negotiated: bool,
 }
 
 /// `VhostUserInflight`, decoded.
@@ -91,13 +87,12 @@ impl InflightRelay {
             num_queues,
             max_queue_size,
             set_region: Box::new(set_region),
-            negotiated: false,
         }
     }
 
-    /// Whether the relay answers `request` itself.
-    pub fn intercepts(&self, request: u32) -> bool {
-        self.negotiated && matches!(request, GET_INFLIGHT_FD | SET_INFLIGHT_FD)
+    /// Whether `request` is answered here (once INFLIGHT_SHMFD is acked).
+    pub fn answers(request: u32) -> bool {
+        matches!(request, GET_INFLIGHT_FD | SET_INFLIGHT_FD)
     }
 
     /// Answers an intercepted message; `None` when no reply is due (SET_INFLIGHT_FD without
@@ -195,20 +190,6 @@ impl InflightRelay {
         }
         Ok(())
     }
-
-    /// Notes, from a message the relay forwards, what decides whether it intercepts.
-    pub fn observe(&mut self, request: u32, payload: &[u8]) {
-        match request {
-            SET_PROTOCOL_FEATURES => {
-                let acked = payload
-                    .get(..8)
-                    .map_or(0, |word| u64::from_le_bytes(word.try_into().expect("8")));
-                self.negotiated = acked & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
-            }
-            RESET_OWNER => self.negotiated = false,
-            _ => {}
-        }
-    }
 }
 
 fn payload_size_error(payload: &[u8]) -> String {
@@ -231,7 +212,9 @@ mod tests {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
     use super::*;
-    use crate::frontend_relay::relay;
+    use crate::frontend_relay::{Policy, relay};
+    use crate::memory_backing::FaultWatch;
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
     const VERSION_1: u32 = 0x1;
     const NEED_REPLY: u32 = 0x8;
@@ -274,6 +257,10 @@ mod tests {
     #[test]
     fn the_relay_answers_the_inflight_messages_once_negotiated() {
         let (frontend, relay_frontend) = UnixStream::pair().unwrap();
+        // A reply that never comes fails the test instead of hanging it.
+        frontend
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         let (relay_backend, mut backend) = UnixStream::pair().unwrap();
         let regions: Arc<Mutex<Vec<(u16, u16)>>> = Arc::default();
         let device = regions.clone();
@@ -285,12 +272,30 @@ mod tests {
                 .push((region.num_queues(), region.queue_size()));
             Ok(())
         });
-        let relay =
-            std::thread::spawn(move || relay(relay_frontend, relay_backend, Some(inflight)));
+        let policy = Policy {
+            features: VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            protocol_features: (VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+                .bits(),
+            max_queue_size: 256,
+        };
+        let faults = Arc::new(FaultWatch::new());
+        let relay = std::thread::spawn(move || {
+            relay(
+                relay_frontend,
+                relay_backend,
+                policy,
+                faults,
+                Some(inflight),
+            )
+        });
 
         let asked = VhostUserInflight::new(0, 0, 2, 128);
         let early_get = request(FrontendReq::GET_INFLIGHT_FD, VERSION_1, asked.as_slice());
         send(&frontend, &early_get, &[]);
+        // vhost answers REPLY_ACK only after GET_FEATURES; the relay holds to that too.
+        let get_features = request(FrontendReq::GET_FEATURES, VERSION_1, &[]);
+        send(&frontend, &get_features, &[]);
         let acked =
             VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK;
         let features = request(
@@ -368,7 +373,7 @@ mod tests {
         backend.read_to_end(&mut forwarded).unwrap();
         assert_eq!(
             forwarded,
-            [early_get, features].concat(),
+            [early_get, get_features, features].concat(),
             "only the messages before the negotiation reach the crate"
         );
     }

@@ -1,5 +1,6 @@
 //! The vhost-user transport: serve any device backend to one frontend at a time, on one socket,
-//! across frontend reconnects, until a stop is requested.
+//! across frontend reconnects, until a stop is requested; and the termination-signal handling
+//! both transports share, which bounds how long a stop may take.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -7,10 +8,14 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
 
 use crate::frontend_relay;
 use crate::inflight_relay::InflightRelay;
+use crate::memory_backing::FaultWatch;
+use hvisor_vhost_device::exit::WorkerExitEvents;
+use hvisor_vhost_device::queue::QueueFault;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
@@ -27,13 +32,21 @@ pub enum ServeError {
         path: PathBuf,
         source: vhost::vhost_user::Error,
     },
-    #[error("cannot start the vhost-user daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
     #[error("cannot register the device's own events: {0}")]
     Events(io::Error),
     #[error("waiting for a frontend on {path}: {source}")]
     Poll { path: PathBuf, source: io::Error },
 }
+
+/// How long a stop may take once a termination signal asked for it: long enough to finish
+/// in-flight requests and flush a disk, short enough that a stuck worker cannot keep the
+/// process (and its socket, its TAP, its images) alive.
+pub const STOP_BOUND: Duration = Duration::from_secs(5);
+/// Exit status of a process whose stop did not finish within [`STOP_BOUND`] (EX_SOFTWARE).
+pub const STOP_TIMED_OUT_STATUS: i32 = 70;
+/// How long the report of an unfinished stop may take to be logged before the process exits
+/// without it (a stderr nobody drains blocks the logger).
+const REPORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Asks a serving loop to stop: wakes it while it waits for a frontend, and closes the
 /// connection of the frontend it serves.
@@ -41,6 +54,8 @@ pub struct StopSignal {
     requested: AtomicBool,
     wake: EventFd,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The step the serving code is in, for the report of a stop that does not finish.
+    waiting_for: Mutex<&'static str>,
 }
 
 impl StopSignal {
@@ -49,7 +64,26 @@ impl StopSignal {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             connection: Mutex::new(None),
+            waiting_for: Mutex::new("the serving loop to notice the stop"),
         }))
+    }
+
+    /// Records what a stop would wait for from now on (e.g. "the queue workers to finish
+    /// their batches").
+    pub fn set_waiting_for(&self, what: &'static str) {
+        *self
+            .waiting_for
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = what;
+    }
+
+    /// What the stop waits for; never blocks (the lock is only held for an assignment).
+    fn waiting_for(&self) -> &'static str {
+        match self.waiting_for.try_lock() {
+            Ok(what) => *what,
+            Err(TryLockError::Poisoned(poisoned)) => *poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => "(being updated)",
+        }
     }
 
     pub fn request(&self) {
@@ -91,19 +125,103 @@ impl StopSignal {
     }
 }
 
-/// Stops `stop` on the first SIGINT or SIGTERM.
+/// Stops `stop` on the first SIGINT or SIGTERM, and bounds the stop: a process still running
+/// [`STOP_BOUND`] later, or when a second signal comes, logs what the stop waits for and
+/// exits with [`STOP_TIMED_OUT_STATUS`] whatever its threads are doing.
+///
+/// No final flush is attempted then: writes the device completed are in the page cache and
+/// survive the process, every flush a driver asked for was answered only once done, and a
+/// worker that does not finish is most likely stuck on the storage itself, where a flush from
+/// here would block the exit this bound guarantees.
 pub fn stop_on_termination_signals(stop: Arc<StopSignal>) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                info!("signal {signal} received: finishing in-flight requests and stopping");
-                stop.request();
+            let mut signals = signals.forever();
+            let Some(signal) = signals.next() else {
+                return;
+            };
+            info!("signal {signal} received: finishing in-flight requests and stopping");
+            stop.request();
+            let watchdog = {
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name("stop-watchdog".into())
+                    .spawn(move || {
+                        std::thread::sleep(STOP_BOUND);
+                        exit_unfinished(&stop, &format!("not stopped within {STOP_BOUND:?}"));
+                    })
+            };
+            if let Err(error) = watchdog {
+                warn!("the stop is not bounded: cannot start its watchdog: {error}");
+            }
+            if let Some(signal) = signals.next() {
+                exit_unfinished(&stop, &format!("signal {signal} received again"));
             }
         })?;
     Ok(())
+}
+
+/// Ends the process with [`STOP_TIMED_OUT_STATUS`], after logging `why`, what the stop waits
+/// for and the state of every thread. Takes no lock a stuck thread may hold: a timer ends the
+/// process anyway if logging blocks.
+fn exit_unfinished(stop: &StopSignal, why: &str) -> ! {
+    let timer = std::thread::Builder::new()
+        .name("exit-timer".into())
+        .spawn(|| {
+            std::thread::sleep(REPORT_GRACE);
+            exit_now()
+        });
+    // Without the timer, a blocked logger would hold the exit: the report is left out.
+    if timer.is_ok() {
+        error!(
+            "{why}: exiting with status {STOP_TIMED_OUT_STATUS}; the stop waits for {}; \
+             threads: {}",
+            stop.waiting_for(),
+            thread_states()
+        );
+    }
+    exit_now()
+}
+
+fn exit_now() -> ! {
+    // SAFETY: _exit has no preconditions; it ends the process without running destructors or
+    // atexit handlers, which could wait for locks the stuck threads hold.
+    unsafe { libc::_exit(STOP_TIMED_OUT_STATUS) }
+}
+
+/// Every thread of this process as `name[tid] state wait-channel`, from /proc (no lock of ours
+/// is taken): shows which worker is stuck and where.
+fn thread_states() -> String {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return "(unreadable)".into();
+    };
+    let read = |task: &Path, file: &str| {
+        std::fs::read_to_string(task.join(file)).unwrap_or_else(|_| "?".into())
+    };
+    let mut states: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let path = task.path();
+            let stat = read(&path, "stat");
+            // The state follows the parenthesised name, which may itself hold spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_owned();
+            format!(
+                "{}[{}] {state} {}",
+                read(&path, "comm").trim_end(),
+                task.file_name().to_string_lossy(),
+                read(&path, "wchan").trim_end()
+            )
+        })
+        .collect();
+    states.sort();
+    states.join(", ")
 }
 
 /// A vhost-user-backend worker's epoll set, offered to the device.
@@ -124,7 +242,8 @@ where
 }
 
 /// A listener in the abstract socket namespace (no file to clean up), private to this
-/// process, where vhost-user-backend accepts the relayed connections.
+/// process, where vhost-user-backend accepts one relayed connection. A fresh one per
+/// connection: a connection that failed halfway leaves nothing in its backlog for the next.
 fn relay_listener() -> io::Result<(SocketAddr, Listener)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = format!(
@@ -137,65 +256,226 @@ fn relay_listener() -> io::Result<(SocketAddr, Listener)> {
     Ok((address, Listener::from(listener)))
 }
 
-/// Accepts the waiting frontend and starts relaying it to a connection on `relay_address`,
-/// which the daemon then accepts. `None` when the frontend left before it was accepted.
-fn accept_and_relay(
-    listener: &Listener,
-    relay_address: &SocketAddr,
-    inflight: Option<InflightRelay>,
-) -> io::Result<Option<std::thread::JoinHandle<()>>> {
-    let Some(frontend) = listener.accept().map_err(io::Error::other)? else {
-        return Ok(None);
-    };
-    let backend = UnixStream::connect_addr(relay_address)?;
-    let relay = std::thread::Builder::new()
-        .name("vhost-user-relay".into())
-        .spawn(move || {
-            if let Err(error) = frontend_relay::relay(frontend, backend, inflight) {
-                debug!("vhost-user relay ended: {error}");
-            }
-        })?;
-    Ok(Some(relay))
-}
-
 enum Wakeup {
     Frontend,
     Stop,
 }
 
 fn wait_for_frontend(listener: &Listener, stop: &StopSignal) -> io::Result<Wakeup> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
     loop {
         if stop.is_requested() {
             return Ok(Wakeup::Stop);
         }
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if fds[1].revents != 0 {
+        let [frontend, stop_requested] =
+            wait_readable([listener.as_raw_fd(), stop.wake.as_raw_fd()])?;
+        if stop_requested {
             return Ok(Wakeup::Stop);
         }
-        if fds[0].revents != 0 {
+        if frontend {
             return Ok(Wakeup::Frontend);
         }
     }
+}
+
+/// Waits until one of `fds` is readable (or closed) and says which are. A negative
+/// descriptor is skipped.
+pub(crate) fn wait_readable(fds: [RawFd; 2]) -> io::Result<[bool; 2]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `polled` is a valid array of two pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if ready >= 0 {
+            return Ok(polled.map(|fd| fd.revents != 0));
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// Why one frontend could not be served. The serving loop logs it and carries on.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("cannot make the worker threads' exit events: {0}")]
+    ExitEvents(io::Error),
+    #[error("cannot create the connection's vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("cannot create the relay socket: {0}")]
+    RelaySocket(io::Error),
+    #[error("cannot accept the frontend: {0}")]
+    Accept(vhost::vhost_user::Error),
+    #[error("cannot connect the frontend to its daemon: {0}")]
+    Connect(io::Error),
+    #[error("cannot start serving the frontend: {0}")]
+    Start(vhost_user_backend::Error),
+    #[error("cannot start the frontend relay: {0}")]
+    Relay(io::Error),
+}
+
+/// One frontend's vhost-user-backend daemon, with the exit events the crate leaves to us and
+/// the watch over the frontend's memory files.
+struct ConnectionDaemon<B: VhostUserBackend> {
+    // Declared first, dropped first: its drop joins the worker threads, which wait on
+    // `_exit_events` and may touch guest memory until then.
+    daemon: VhostUserDaemon<B>,
+    _exit_events: WorkerExitEvents,
+    faults: Arc<FaultWatch>,
+}
+
+impl<B> ConnectionDaemon<B>
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    /// A daemon per connection: vhost-user-backend keeps ownership and ring state in its
+    /// handler, so a second frontend on the same daemon would be refused at SET_OWNER.
+    fn new(name: &str, backend: &B) -> Result<Self, ConnectionError> {
+        let faults = Arc::new(FaultWatch::new());
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let (daemon, exit_events) =
+            WorkerExitEvents::collect(backend.queues_per_thread().len(), || {
+                VhostUserDaemon::new(name.to_owned(), backend.clone(), memory)
+            })
+            .map_err(ConnectionError::ExitEvents)?;
+        // On failure `exit_events` stops the workers the daemon had already started.
+        let daemon = daemon.map_err(ConnectionError::Daemon)?;
+        for (thread_id, handler) in daemon.get_epoll_handlers().into_iter().enumerate() {
+            if let Err(error) =
+                backend.attach_event_registry(thread_id, Arc::new(HandlerRegistry(handler)))
+            {
+                warn!("{name}: device events of thread {thread_id} not registered: {error}");
+            }
+        }
+        Ok(ConnectionDaemon {
+            daemon,
+            _exit_events: exit_events,
+            faults,
+        })
+    }
+}
+
+/// Waits after a connection that could not be set up, longer each time in a row, so a
+/// lasting shortage (no descriptors left, no memory) is neither a busy loop nor a flood of
+/// log lines.
+struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const LONGEST: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Backoff { delay: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.delay = Self::FIRST;
+    }
+
+    /// Sleeps for the current delay, or less if a stop is requested, and doubles it.
+    fn wait(&mut self, stop: &StopSignal) {
+        let mut wake = libc::pollfd {
+            fd: stop.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout = libc::c_int::try_from(self.delay.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `wake` is a valid pollfd for the duration of the call. An early return
+        // (a signal) only shortens the pause.
+        unsafe { libc::poll(&mut wake, 1, timeout) };
+        self.delay = (self.delay * 2).min(Self::LONGEST);
+    }
+}
+
+/// Serves the frontend waiting on `listener` until it leaves or `stop` closes it. `Ok(false)`
+/// when it left before it was accepted.
+fn serve_one<B>(
+    name: &str,
+    backend: &B,
+    listener: &Listener,
+    stop: &StopSignal,
+) -> Result<bool, ConnectionError>
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    let mut connection = ConnectionDaemon::new(name, backend)?;
+    let (relay_address, mut relay_listener) =
+        relay_listener().map_err(ConnectionError::RelaySocket)?;
+    let Some(frontend) = listener.accept().map_err(ConnectionError::Accept)? else {
+        return Ok(false);
+    };
+    let backend_end = UnixStream::connect_addr(&relay_address).map_err(ConnectionError::Connect)?;
+    connection
+        .daemon
+        .start(&mut relay_listener)
+        .map_err(ConnectionError::Start)?;
+    let policy = frontend_relay::Policy {
+        features: backend.features(),
+        protocol_features: (backend.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK)
+            .bits(),
+        max_queue_size: u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX),
+    };
+    let faults = connection.faults.clone();
+    let inflight = tracks_inflight(backend).then(|| inflight_relay(backend));
+    let relay = std::thread::Builder::new()
+        .name("vhost-user-relay".into())
+        .spawn(move || {
+            let relayed = frontend_relay::relay(frontend, backend_end, policy, faults, inflight);
+            if let Err(error) = relayed {
+                debug!("vhost-user relay ended: {error}");
+            }
+        });
+    let relay = match relay {
+        Ok(relay) => relay,
+        Err(error) => {
+            connection.daemon.request_shutdown();
+            let _ = connection.daemon.wait();
+            return Err(ConnectionError::Relay(error));
+        }
+    };
+    info!("{name}: frontend connected");
+    stop.set_waiting_for("the frontend connection to end");
+    stop.set_connection(connection.daemon.shutdown_handle());
+    match connection.daemon.wait() {
+        Ok(()) => info!("{name}: frontend disconnected"),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => info!("{name}: frontend disconnected"),
+        Err(error) => warn!("{name}: frontend connection ended: {error}"),
+    }
+    stop.set_connection(None);
+    if relay.join().is_err() {
+        warn!("{name}: the frontend relay panicked");
+    }
+    // Sends each worker its exit event and joins it once its current batch is complete.
+    stop.set_waiting_for("the queue workers to finish their batches");
+    drop(connection);
+    // The device keeps the memory it was last given. Let it go, or the departed frontend's
+    // guest RAM would stay allocated through our mapping until the next frontend's table.
+    if let Err(error) = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
+        warn!("{name}: cannot release the memory of the frontend that left: {error}");
+    }
+    // Only now, too: the answers to the requests still in flight when the frontend left were
+    // recorded in the region, which the frontend hands to the next connection.
+    if tracks_inflight(backend) {
+        if let Err(error) = backend.set_inflight_region(None) {
+            warn!("{name}: cannot drop the inflight region of the frontend that left: {error}");
+        }
+    }
+    Ok(true)
+}
+
+fn tracks_inflight<B: VhostUserBackend>(backend: &B) -> bool {
+    backend
+        .protocol_features()
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
 }
 
 /// The relay's inflight tracking for a connection to `backend`.
@@ -216,9 +496,17 @@ where
 ///
 /// One listener is kept for the whole run, so a frontend that reconnects finds the socket
 /// without an unlink/rebind window. `after_disconnect` runs after each frontend leaves (e.g.
-/// to flush a disk). On return the worker threads have finished their in-flight requests and
-/// the socket file is removed. A device that tracks in-flight requests keeps the connection's
-/// inflight region until its workers have answered every request of that connection.
+/// to flush a disk). A frontend that cannot be served (no descriptors left, say) is logged
+/// and the loop goes on, pausing longer after each failure in a row; one that cannot be
+/// accepted waits in the listen queue meanwhile. On return the worker threads have finished
+/// their in-flight requests and the socket file is removed.
+///
+/// A queue the device stopped because the frontend broke its ring stays stopped until the
+/// frontend starts it again (GET_VRING_BASE, then SET_VRING_KICK or SET_VRING_CALL, as on a
+/// device reset or a reconnect); the connection is kept. Dropping it would stop the device's
+/// other queues too and tell the frontend nothing more (vhost-user has no DEVICE_NEEDS_RESET),
+/// and a frontend that reconnects (QEMU's `reconnect`) resumes from the same ring state, so
+/// it would find the same fault and loop through reconnects.
 pub fn serve<B>(
     name: &str,
     backend: B,
@@ -234,16 +522,16 @@ where
         path: socket_path.to_owned(),
         source,
     })?;
-    // vhost-user-backend accepts its connections here, from the relay of each frontend.
-    let (relay_address, mut relay_listener) =
-        relay_listener().map_err(|source| ServeError::Poll {
-            path: socket_path.to_owned(),
-            source,
-        })?;
+    let fault_name = name.to_owned();
+    backend.set_fault_handler(Arc::new(move |fault: &QueueFault| {
+        warn!(
+            "{fault_name}: queue {} stays stopped until the frontend starts it again; the \
+             connection and the other queues go on",
+            fault.queue
+        )
+    }));
     info!("{name}: listening on {}", socket_path.display());
-    let tracks_inflight = backend
-        .protocol_features()
-        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    let mut backoff = Backoff::new();
     let result = loop {
         match wait_for_frontend(&listener, stop) {
             Ok(Wakeup::Stop) => break Ok(()),
@@ -255,56 +543,20 @@ where
                 });
             }
         }
-        // A daemon per connection: vhost-user-backend keeps ownership and ring state in its
-        // handler, so a second frontend on the same daemon would be refused at SET_OWNER.
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend.clone(), memory) {
-            Ok(daemon) => daemon,
-            Err(error) => break Err(ServeError::Daemon(error)),
-        };
-        for (thread_id, handler) in daemon.get_epoll_handlers().into_iter().enumerate() {
-            if let Err(error) =
-                backend.attach_event_registry(thread_id, Arc::new(HandlerRegistry(handler)))
-            {
-                warn!("{name}: device events of thread {thread_id} not registered: {error}");
+        match serve_one(name, &backend, &listener, stop) {
+            Ok(served) => {
+                backoff.reset();
+                if served {
+                    stop.set_waiting_for("the clean-up after the frontend left (a disk flush)");
+                    after_disconnect();
+                    stop.set_waiting_for("the serving loop to notice the stop");
+                }
             }
-        }
-        let inflight = tracks_inflight.then(|| inflight_relay(&backend));
-        let relay = match accept_and_relay(&listener, &relay_address, inflight) {
-            Ok(Some(relay)) => relay,
-            Ok(None) => continue,
             Err(error) => {
-                warn!("{name}: could not accept a frontend: {error}");
-                continue;
-            }
-        };
-        if let Err(error) = daemon.start(&mut relay_listener) {
-            warn!("{name}: could not start serving the frontend: {error}");
-            continue;
-        }
-        info!("{name}: frontend connected");
-        stop.set_connection(daemon.shutdown_handle());
-        match daemon.wait() {
-            Ok(()) => info!("{name}: frontend disconnected"),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("{name}: frontend disconnected"),
-            Err(error) => warn!("{name}: frontend connection ended: {error}"),
-        }
-        stop.set_connection(None);
-        if relay.join().is_err() {
-            warn!("{name}: the frontend relay panicked");
-        }
-        // Sends each worker its exit event and joins it once its current batch is complete.
-        drop(daemon);
-        // Only now: the answers to the requests still in flight at the disconnection were
-        // recorded in the region, which the frontend hands to the next connection.
-        if tracks_inflight {
-            if let Err(error) = backend.set_inflight_region(None) {
-                warn!("{name}: cannot drop the inflight region: {error}");
+                error!("{name}: {error}; still listening");
+                backoff.wait(stop);
             }
         }
-        after_disconnect();
     };
     if let Err(error) = std::fs::remove_file(socket_path) {
         if error.kind() != io::ErrorKind::NotFound {

@@ -37,9 +37,14 @@ impl Daemon {
         }
     }
 
+    /// The process id, for reading `/proc/PID` or changing its limits.
+    pub fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t")
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
     pub fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        let pid = self.pid();
         // SAFETY: kill has no memory-safety preconditions. The child is not
         // reaped before `wait_exit` or drop, so the pid is still ours.
         let result = unsafe { libc::kill(pid, signal) };
@@ -64,6 +69,28 @@ impl Daemon {
             }
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Starts `binary` serving `device` (e.g. `rng`) with `args` on `dir/DEVICE.sock`, logging
+    /// at info level to `dir/daemon.log`; returns once the socket exists (or within `timeout`).
+    pub fn serve(
+        binary: &str,
+        device: &str,
+        dir: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> (Daemon, PathBuf) {
+        let socket = dir.join(format!("{device}.sock"));
+        let mut command = Command::new(binary);
+        command
+            .arg(device)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
+        daemon.wait_for_path(&socket, timeout);
+        (daemon, socket)
     }
 
     /// Waits up to `timeout` for `path` to exist (e.g. a socket the daemon

@@ -28,7 +28,7 @@ use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_prot
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, Resubmission};
-use hvisor_vhost_device::queue::{has_available_buffers, queue_is_live};
+use hvisor_vhost_device::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
 use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig, IoEngine};
@@ -106,34 +106,6 @@ struct QueueWorker {
     inflight: Option<InflightQueue>,
 }
 
-/// What became of a request once started.
-enum Started {
-    /// Answered at once: in the used ring.
-    Answered,
-    /// The engine answers it later.
-    Running,
-    /// Answered, but the used ring refused it (logged).
-    Unreturnable,
-}
-
-/// Puts a finished request in the used ring, through the queue's inflight tracker if any.
-fn add_used(
-    vring: &VringRwLock,
-    inflight: Option<&mut InflightQueue>,
-    head: u16,
-    len: u32,
-) -> Result<(), virtio_queue::Error> {
-    let add = || {
-        let mut state = vring.get_mut();
-        state.add_used(head, len)?;
-        Ok(state.get_queue().next_used())
-    };
-    match inflight {
-        Some(tracker) => tracker.publish(head, add),
-        None => add().map(drop),
-    }
-}
-
 #[cfg(test)]
 impl QueueWorker {
     fn in_flight(&self) -> usize {
@@ -151,6 +123,7 @@ pub struct BlkBackend<S = FileStorage> {
     queue_size: u16,
     event_idx: AtomicBool,
     memory: GuestMemorySlot,
+    rings: Rings,
     /// Per-queue state. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
     workers: Vec<Mutex<QueueWorker>>,
@@ -200,6 +173,7 @@ impl<S: Storage> BlkBackend<S> {
             queue_size: config.queue_size,
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
+            rings: Rings::default(),
             workers: (0..config.num_queues).map(new_worker).collect(),
             poll_window: Duration::from_micros(u64::from(config.poll_us)),
         })
@@ -274,13 +248,10 @@ impl<S: Storage> BlkBackend<S> {
             for done in worker.finished.drain(..) {
                 let used_len = complete(&mem, done.reply, done.status, done.written);
                 let head = done.reply.head;
-                if let Err(error) = add_used(vring, worker.inflight.as_mut(), head, used_len) {
-                    warn!(
-                        "queue {queue_index}: cannot return descriptor {}: {error}",
-                        done.reply.head
-                    );
+                let inflight = worker.inflight.as_mut();
+                if self.add_used(vring, inflight, queue_index, head, used_len) {
+                    completed += 1;
                 }
-                completed += 1;
             }
             if completed > 0 {
                 worked = true;
@@ -331,22 +302,18 @@ impl<S: Storage> BlkBackend<S> {
         queue_index: usize,
     ) -> usize {
         let mut completed = 0;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else { break };
+        while let Some(chain) = self.rings.pop(vring, queue_index as u16, mem) {
             if let Some(tracker) = &mut worker.inflight {
                 tracker.begin(chain.head_index());
             }
-            match self.start_chain(vring, mem, worker, queue_index, chain) {
-                Started::Answered => completed += 1,
-                Started::Running => {}
-                Started::Unreturnable => break,
+            if self.start_chain(vring, mem, worker, queue_index, chain) {
+                completed += 1;
             }
         }
         completed
     }
 
-    /// Starts the request of one chain.
+    /// Starts the request of one chain; true when it was answered at once.
     fn start_chain(
         &self,
         vring: &VringRwLock,
@@ -354,7 +321,7 @@ impl<S: Storage> BlkBackend<S> {
         worker: &mut QueueWorker,
         queue_index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Started {
+    ) -> bool {
         let head = chain.head_index();
         let Some(used_len) = process_chain(
             &self.device,
@@ -363,13 +330,32 @@ impl<S: Storage> BlkBackend<S> {
             &mut worker.scratch,
             &mut worker.engine,
         ) else {
-            return Started::Running;
+            return false;
         };
-        if let Err(error) = add_used(vring, worker.inflight.as_mut(), head, used_len) {
-            warn!("queue {queue_index}: cannot return descriptor {head}: {error}");
-            return Started::Unreturnable;
+        self.add_used(vring, worker.inflight.as_mut(), queue_index, head, used_len)
+    }
+
+    /// Puts a finished request in the used ring, through the queue's inflight tracker if any;
+    /// false when the used ring cannot be written (the queue is stopped then).
+    fn add_used(
+        &self,
+        vring: &VringRwLock,
+        inflight: Option<&mut InflightQueue>,
+        queue_index: usize,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        let add = || {
+            if self.rings.add_used(vring, queue_index as u16, head, len) {
+                Ok(vring.get_ref().get_queue().next_used())
+            } else {
+                Err(())
+            }
+        };
+        match inflight {
+            Some(tracker) => tracker.publish(head, add).is_ok(),
+            None => add().is_ok(),
         }
-        Started::Answered
     }
 
     /// Once per inflight region, before the queue takes new requests: settles the region with
@@ -436,7 +422,7 @@ impl<S: Storage> BlkBackend<S> {
         };
         let mut completed = 0;
         for chain in resubmission.chains() {
-            if let Started::Answered = self.start_chain(vring, mem, worker, queue_index, chain) {
+            if self.start_chain(vring, mem, worker, queue_index, chain) {
                 completed += 1;
             }
         }
@@ -487,6 +473,10 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
                 .and_then(|region| InflightQueue::new(region, index));
         }
         Ok(())
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.rings.set_fault_handler(handler);
     }
 }
 

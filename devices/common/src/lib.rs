@@ -1,6 +1,7 @@
 //! The little a transport needs from a device crate besides `VhostUserBackend`: the virtio
-//! device type, and a way for the device to watch its own file descriptors (a TAP, a PTY, a
-//! socket) from its queue worker threads, whichever transport runs those threads.
+//! device type, a way for the device to watch its own file descriptors (a TAP, a PTY, a
+//! socket) from its queue worker threads, whichever transport runs those threads, and a way to
+//! hear of queues the device stopped because the driver broke their rings.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::inflight::InflightRegion;
+use crate::queue::FaultHandler;
 
 /// Adds and removes a device's own descriptors in one worker thread's wait set.
 ///
@@ -46,6 +48,11 @@ pub trait VirtioDevice {
             "this device does not track in-flight requests",
         ))
     }
+
+    /// Installs what the device calls when it stops a queue whose ring the driver broke (see
+    /// [`queue::Rings`]); the transport decides what the driver is told. Installed before the
+    /// driver can kick a queue; a later call replaces the handler.
+    fn set_fault_handler(&self, handler: FaultHandler);
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -63,6 +70,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
 
     fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
         (**self).set_inflight_region(region)
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        (**self).set_fault_handler(handler)
     }
 }
 
