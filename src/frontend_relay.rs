@@ -19,7 +19,10 @@
 //!   refuses SET_VRING_ENABLE until PROTOCOL_FEATURES was acked by SET_FEATURES and drops the
 //!   connection. The relay answers such an early message itself (when an answer is asked
 //!   for), keeps the latest state it asked for each ring, and replays those right after
-//!   forwarding SET_FEATURES — QEMU does not repeat them.
+//!   forwarding SET_FEATURES — QEMU does not repeat them;
+//! - answers GET_INFLIGHT_FD and SET_INFLIGHT_FD itself once INFLIGHT_SHMFD is acked, for
+//!   devices that track in-flight requests (see `inflight_relay`): vhost-user-backend 0.24
+//!   refuses both.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -33,6 +36,7 @@ use vhost::vhost_user::message::{
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::inflight_relay::InflightRelay;
 use crate::memory_backing::{FaultWatch, RegionFile, drain_fault_event};
 use crate::vhost_user::wait_readable;
 
@@ -73,12 +77,14 @@ pub struct Policy {
 }
 
 /// Relays between `frontend` and `backend` until either side closes, a refusal ends the
-/// connection, or the frontend shrinks a memory file `faults` watches.
+/// connection, or the frontend shrinks a memory file `faults` watches; `inflight` when the
+/// device tracks in-flight requests.
 pub fn relay(
     frontend: UnixStream,
     backend: UnixStream,
     policy: Policy,
     faults: Arc<FaultWatch>,
+    inflight: Option<InflightRelay>,
 ) -> io::Result<()> {
     let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_reader = backend.try_clone()?;
@@ -94,7 +100,7 @@ pub fn relay(
                 result
             })?
     };
-    let mut session = Session::new(policy, &faults);
+    let mut session = Session::new(policy, &faults, inflight);
     let reader = FrontendReader {
         stream: &frontend,
         faults: &faults,
@@ -266,10 +272,11 @@ struct Session<'a> {
     /// Memory regions the backend holds (vhost-user-backend ends the connection when it
     /// fails to add or remove one, so while the connection lives this is exact).
     memory_slots: usize,
+    inflight: Option<InflightRelay>,
 }
 
 impl<'a> Session<'a> {
-    fn new(policy: Policy, faults: &'a FaultWatch) -> Self {
+    fn new(policy: Policy, faults: &'a FaultWatch, inflight: Option<InflightRelay>) -> Self {
         Session {
             policy,
             faults,
@@ -278,7 +285,37 @@ impl<'a> Session<'a> {
             features_set: false,
             early_enables: BTreeMap::new(),
             memory_slots: 0,
+            inflight,
         }
+    }
+
+    /// The device's inflight relay, if `message` is one it answers: INFLIGHT_SHMFD is acked.
+    fn inflight_for(&self, message: &Message) -> Option<&InflightRelay> {
+        let negotiated =
+            self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        let inflight = self.inflight.as_ref()?;
+        (negotiated && InflightRelay::answers(message.request)).then_some(inflight)
+    }
+
+    /// Answers an inflight message for the device, with the descriptor that goes with it.
+    fn answer_inflight(
+        &self,
+        inflight: &InflightRelay,
+        mut message: Message,
+        frontend_writer: &Mutex<UnixStream>,
+    ) -> io::Result<()> {
+        let needs_reply = self.reply_ack_expected(&message);
+        let fds = std::mem::take(&mut message.fds);
+        let Some(answer) = inflight.answer(message.request, needs_reply, message.payload(), fds)
+        else {
+            return Ok(());
+        };
+        let fds: Vec<RawFd> = answer.fd.iter().map(AsRawFd::as_raw_fd).collect();
+        send_with_fds(
+            &lock(frontend_writer),
+            &reply(message.request, &answer.payload),
+            &fds,
+        )
     }
 
     /// Whether vhost answers `message` with an ack, as it would if it took the message:
@@ -444,15 +481,16 @@ impl<'a> Session<'a> {
                 self.hold_early_enable(message, frontend_writer)?;
                 continue;
             }
+            if let Some(inflight) = self.inflight_for(&message) {
+                self.answer_inflight(inflight, message, frontend_writer)?;
+                continue;
+            }
             if let Err(reason) = self.check(&message) {
                 self.refuse(&message, &reason, frontend_writer)?;
                 continue;
             }
             let raw: Vec<RawFd> = message.fds.iter().map(AsRawFd::as_raw_fd).collect();
-            let sent = backend
-                .send_with_fds(&[&message.bytes[..]], &raw)
-                .map_err(|error| io::Error::from_raw_os_error(error.errno()))?;
-            (&*backend).write_all(&message.bytes[sent..])?;
+            send_with_fds(backend, &message.bytes, &raw)?;
             self.forwarded(&message);
             if message.request == SET_FEATURES {
                 for (_, enable) in std::mem::take(&mut self.early_enables) {
@@ -464,14 +502,27 @@ impl<'a> Session<'a> {
     }
 }
 
-/// A REPLY_ACK answer to `request`: 0 for success, anything else for failure.
-fn ack(request: u32, status: u64) -> Vec<u8> {
-    let mut reply = Vec::with_capacity(HEADER_SIZE + 8);
+/// A reply to `request` carrying `payload`.
+fn reply(request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(HEADER_SIZE + payload.len());
     reply.extend_from_slice(&request.to_le_bytes());
     reply.extend_from_slice(&(VERSION_1 | REPLY).to_le_bytes());
-    reply.extend_from_slice(&8u32.to_le_bytes());
-    reply.extend_from_slice(&status.to_le_bytes());
+    reply.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    reply.extend_from_slice(payload);
     reply
+}
+
+/// A REPLY_ACK answer to `request`: 0 for success, anything else for failure.
+fn ack(request: u32, status: u64) -> Vec<u8> {
+    reply(request, &status.to_le_bytes())
+}
+
+/// Sends `bytes` to `stream`, with `fds` attached to the first part.
+fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let sent = stream
+        .send_with_fds(&[bytes], fds)
+        .map_err(|error| io::Error::from_raw_os_error(error.errno()))?;
+    (&*stream).write_all(&bytes[sent..])
 }
 
 #[cfg(test)]
@@ -497,7 +548,7 @@ mod tests {
         };
         let faults = Arc::new(FaultWatch::new());
         let relay =
-            std::thread::spawn(move || relay(relay_frontend, relay_backend, policy, faults));
+            std::thread::spawn(move || relay(relay_frontend, relay_backend, policy, faults, None));
 
         // An early SET_VRING_ENABLE asking for a reply: answered with success, not forwarded.
         let enable = [0u8; 8];

@@ -6,6 +6,7 @@
 pub mod cli;
 mod frontend_relay;
 pub mod hvisor;
+mod inflight_relay;
 pub mod logging;
 mod memory_backing;
 pub mod vhost_user;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use crate::frontend_relay;
+use crate::inflight_relay::InflightRelay;
 use crate::memory_backing::FaultWatch;
 use hvisor_vhost_device::exit::WorkerExitEvents;
 use hvisor_vhost_device::queue::QueueFault;
@@ -422,10 +423,12 @@ where
         max_queue_size: u32::try_from(backend.max_queue_size()).unwrap_or(u32::MAX),
     };
     let faults = connection.faults.clone();
+    let inflight = tracks_inflight(backend).then(|| inflight_relay(backend));
     let relay = std::thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
-            if let Err(error) = frontend_relay::relay(frontend, backend_end, policy, faults) {
+            let relayed = frontend_relay::relay(frontend, backend_end, policy, faults, inflight);
+            if let Err(error) = relayed {
                 debug!("vhost-user relay ended: {error}");
             }
         });
@@ -459,7 +462,34 @@ where
     if let Err(error) = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
         warn!("{name}: cannot release the memory of the frontend that left: {error}");
     }
+    // Only now, too: the answers to the requests still in flight when the frontend left were
+    // recorded in the region, which the frontend hands to the next connection.
+    if tracks_inflight(backend) {
+        if let Err(error) = backend.set_inflight_region(None) {
+            warn!("{name}: cannot drop the inflight region of the frontend that left: {error}");
+        }
+    }
     Ok(true)
+}
+
+fn tracks_inflight<B: VhostUserBackend>(backend: &B) -> bool {
+    backend
+        .protocol_features()
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+}
+
+/// The relay's inflight tracking for a connection to `backend`.
+fn inflight_relay<B>(backend: &B) -> InflightRelay
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+{
+    let clamp = |value: usize| u16::try_from(value).unwrap_or(u16::MAX);
+    let device = backend.clone();
+    InflightRelay::new(
+        clamp(backend.num_queues()),
+        clamp(backend.max_queue_size()),
+        move |region| device.set_inflight_region(region),
+    )
 }
 
 /// Serves `backend` on `socket_path` until `stop` is requested.

@@ -5,14 +5,16 @@
 mod support;
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::daemon::Daemon;
-use support::frontend::{DriverConfig, UsedBuffer, VhostUserDriver};
+use support::frontend::{DriverConfig, UsedBuffer, VhostUserDriver, default_protocol_features};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -437,7 +439,8 @@ fn offers_the_documented_features() {
     let expected_protocol = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
 
     for (fixture, ro) in [(&read_write, 0), (&read_only, 1 << VIRTIO_BLK_F_RO)] {
         let driver = connect(&fixture.socket, &DriverConfig::default());
@@ -731,4 +734,202 @@ fn flushed_data_survives_a_daemon_restart() {
         "flushed data lost across a restart"
     );
     assert!(read(&mut driver, 0, 0, 4096) == image_pattern()[..4096]);
+}
+
+/// Heads marked in flight in queue `queue`'s part of an inflight region of `queue_size`-entry
+/// queues (vhost-user specification: 16-byte header, 16-byte entries whose first byte is the
+/// mark, queue regions 64-byte aligned).
+fn marked_in_flight(region: &fs::File, queue: usize, queue_size: u16) -> usize {
+    let stride = (16 + 16 * usize::from(queue_size)).next_multiple_of(64);
+    let mut bytes = vec![0u8; stride];
+    region
+        .read_exact_at(&mut bytes, (queue * stride) as u64)
+        .expect("read the inflight region");
+    (0..usize::from(queue_size))
+        .filter(|&head| bytes[16 + 16 * head] != 0)
+        .count()
+}
+
+/// The requests of one batch of [`sigkill_mid_flight_completes_every_request_exactly_once`].
+struct KillBatch {
+    /// Per queue: head -> chunk. Even chunks are writes, odd ones reads of sectors no write of
+    /// the batch touches.
+    requests: Vec<HashMap<u16, u64>>,
+    /// Every chunk of the batch.
+    chunks: Vec<u64>,
+    /// Each queue's used index before the batch.
+    used_before: Vec<u16>,
+}
+
+impl KillBatch {
+    const QUEUES: usize = 2;
+    const PER_QUEUE: u64 = 48;
+    const LEN: usize = 64 << 10;
+    const IMAGE_LEN: usize = 16 << 20;
+
+    fn sector(chunk: u64) -> u64 {
+        chunk * (Self::LEN as u64 / SECTOR_SIZE) % (Self::IMAGE_LEN as u64 / SECTOR_SIZE)
+    }
+
+    fn data(chunk: u64) -> Vec<u8> {
+        pattern(Self::LEN, chunk as u8 ^ 0x5a)
+    }
+
+    /// Batch `number`'s requests on both queues, kicked.
+    fn submit(driver: &mut VhostUserDriver, number: u64) -> Self {
+        let used_before = (0..Self::QUEUES)
+            .map(|queue| driver.device_used_idx(queue).unwrap())
+            .collect();
+        let mut requests = vec![HashMap::new(); Self::QUEUES];
+        let mut chunks = Vec::new();
+        for index in 0..Self::PER_QUEUE {
+            for (queue, heads) in requests.iter_mut().enumerate() {
+                let chunk = (number * Self::QUEUES as u64 + queue as u64) * Self::PER_QUEUE + index;
+                let head = if chunk % 2 == 0 {
+                    let header = header(VIRTIO_BLK_T_OUT, Self::sector(chunk));
+                    driver.enqueue(queue, &[&header, &Self::data(chunk)], &[1])
+                } else {
+                    let header = header(VIRTIO_BLK_T_IN, Self::sector(chunk));
+                    driver.enqueue(queue, &[&header], &[Self::LEN as u32, 1])
+                };
+                heads.insert(head.expect("enqueue"), chunk);
+                chunks.push(chunk);
+            }
+        }
+        for queue in 0..Self::QUEUES {
+            driver.notify(queue).unwrap();
+        }
+        KillBatch {
+            requests,
+            chunks,
+            used_before,
+        }
+    }
+
+    /// Requests of the batch the device has answered, per queue.
+    fn answered(&self, driver: &VhostUserDriver) -> Vec<u16> {
+        (0..Self::QUEUES)
+            .map(|queue| {
+                let used = driver.device_used_idx(queue).unwrap();
+                used.wrapping_sub(self.used_before[queue])
+            })
+            .collect()
+    }
+
+    /// Takes every answer still owed, checking that each request comes back once, OK, and that
+    /// reads return `image`; then applies the batch's writes to `image`.
+    fn complete(mut self, driver: &mut VhostUserDriver, image: &mut [u8]) {
+        for (queue, heads) in self.requests.iter_mut().enumerate() {
+            while !heads.is_empty() {
+                let used = driver
+                    .wait_used(queue, TIMEOUT)
+                    .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+                let chunk = heads.remove(&used.head).expect("a head in flight");
+                assert_eq!(status(&used), OK, "chunk {chunk}");
+                if chunk % 2 == 1 {
+                    let range = byte_range(Self::sector(chunk), Self::LEN);
+                    assert!(
+                        used.writable[0] == image[range],
+                        "chunk {chunk}: read returned the wrong data"
+                    );
+                }
+            }
+            assert!(
+                driver.poll_used(queue).unwrap().is_none(),
+                "queue {queue}: a request came back twice"
+            );
+        }
+        for &chunk in self.chunks.iter().filter(|&&chunk| chunk % 2 == 0) {
+            image[byte_range(Self::sector(chunk), Self::LEN)].copy_from_slice(&Self::data(chunk));
+        }
+    }
+}
+
+/// SIGKILL while requests are in flight on both queues of an O_DIRECT image (io_uring: they
+/// complete out of order), at three moments: while the daemon is still taking the requests,
+/// once all are in flight, once completions have started. The restarted daemon, given the
+/// inflight region the frontend kept, resubmits them without being kicked, and every request
+/// completes exactly once, with the right data in guest memory and in the image.
+#[test]
+fn sigkill_mid_flight_completes_every_request_exactly_once() {
+    let fixture = Fixture::new();
+    let mut expected = pattern(KillBatch::IMAGE_LEN, IMAGE_SEED);
+    fs::write(&fixture.image, &expected).expect("create image");
+    let args = [
+        "--image",
+        fixture.image_arg(),
+        "--direct",
+        "--num-queues",
+        "2",
+    ];
+    let config = DriverConfig {
+        num_queues: KillBatch::QUEUES,
+        mem_size: 64 << 20,
+        device_features: 1 << VIRTIO_BLK_F_MQ,
+        protocol_features: default_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        ..DriverConfig::default()
+    };
+    let mut daemon = fixture.start(&args);
+    let mut driver = connect(&fixture.socket, &config);
+    let region = driver
+        .inflight_file()
+        .expect("INFLIGHT_SHMFD negotiated")
+        .try_clone()
+        .unwrap();
+    let marked = |queue| marked_in_flight(&region, queue, config.queue_size);
+    let mut number = 0;
+    for moment in 0..3 {
+        // Completions come in bursts: a batch that finishes before the moment is seen, or
+        // before the kill lands, is taken as it is, and the next one tried.
+        loop {
+            assert!(
+                number < 40,
+                "moment {moment} never caught in {number} batches"
+            );
+            let batch = KillBatch::submit(&mut driver, number);
+            number += 1;
+            let deadline = Instant::now() + TIMEOUT;
+            let reached = loop {
+                let marked: Vec<usize> = (0..KillBatch::QUEUES).map(marked).collect();
+                let answered = batch.answered(&driver);
+                let reached = match moment {
+                    0 => marked.iter().any(|&n| n > 0),
+                    1 => marked.iter().all(|&n| n == KillBatch::PER_QUEUE as usize),
+                    _ => (0..KillBatch::QUEUES).any(|q| answered[q] > 0 && marked[q] > 0),
+                };
+                let over = answered
+                    .iter()
+                    .all(|&n| u64::from(n) == KillBatch::PER_QUEUE);
+                if reached || over {
+                    break reached;
+                }
+                assert!(Instant::now() < deadline, "batch {number} never completed");
+            };
+            if !reached {
+                batch.complete(&mut driver, &mut expected);
+                continue;
+            }
+            daemon.signal(libc::SIGKILL);
+            daemon.wait_exit(TIMEOUT).expect("SIGKILL ends the daemon");
+            let in_flight: Vec<usize> = (0..KillBatch::QUEUES).map(marked).collect();
+            eprintln!(
+                "moment {moment}: killed with {in_flight:?} requests in flight and {:?} \
+                 answered per queue",
+                batch.answered(&driver)
+            );
+            daemon = fixture.start(&args);
+            driver
+                .reconnect(&fixture.socket, &config)
+                .expect("reconnect");
+            batch.complete(&mut driver, &mut expected);
+            if in_flight.iter().sum::<usize>() > 0 {
+                break;
+            }
+        }
+    }
+    assert_eq!(flush(&mut driver, 0), OK);
+    assert!(
+        fixture.image_contents() == expected,
+        "image differs from what was written"
+    );
 }

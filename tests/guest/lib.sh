@@ -28,6 +28,8 @@
 #   gt_backend_kill NAME [SIG]   signal (default TERM) a backend and reap it
 #   gt_backend_restart NAME      start the same command line again (stale socket file removed first)
 #   gt_backend_alive NAME        true if it is still running
+#   gt_backend_wait_connected NAME [TIMEOUT]   wait (<= TIMEOUT s, default 10) until a frontend is connected to NAME's
+#                                socket (ss -x: an accepted connection on the path), e.g. QEMU after a restart
 #   gt_at_exit CMD...            run CMD at teardown, after QEMU and the backends are stopped (last registered runs
 #                                first); for host state a case creates outside $W (network namespaces, helpers)
 #   gt_blk_backend NAME [hvisor-vhost blk options]   blk backend: hvisor-vhost, or qemu-storage-daemon if BACKEND=qsd
@@ -134,6 +136,14 @@ gt_backend_kill() {
   printf '### %s: exited with status %s after SIG%s\n' "$(date +%T.%N | cut -c1-12)" "$st" "$sig" >> "$W/$name.log"
 }
 gt_backend_restart() { _gt_backend_spawn "$1"; }
+gt_backend_wait_connected() {
+  local name=$1 to=${2:-10} i
+  for ((i = 0; i < to * 20; i++)); do
+    [ -n "$(ss -xH state connected src "${GT_BE_SOCK[$name]}" 2>/dev/null)" ] && return 0
+    sleep 0.05
+  done
+  gt_fail "no frontend connected to backend $name within ${to}s"; return 1
+}
 
 GT_AT_EXIT=()
 gt_at_exit() { GT_AT_EXIT+=("$(printf '%q ' "$@")"); }

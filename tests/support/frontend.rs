@@ -19,7 +19,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -352,31 +353,18 @@ fn connect_with_retry(path: &Path, timeout: Duration) -> Result<UnixStream> {
     }
 }
 
-/// The frontend end of one vhost-user connection, with its guest RAM and
-/// virtqueues. Dropping it closes the connection (see [`Self::disconnect`]).
-pub struct VhostUserDriver {
+/// A connection after owner, feature and protocol-feature negotiation.
+struct Negotiated {
     frontend: Frontend,
-    mem: GuestMemoryMmap,
-    allocator: GuestAllocator,
-    queues: Vec<Virtqueue>,
     offered_features: u64,
     acked_features: u64,
     offered_protocol_features: VhostUserProtocolFeatures,
     acked_protocol_features: VhostUserProtocolFeatures,
-    event_idx: bool,
-    indirect: bool,
 }
 
-impl VhostUserDriver {
-    /// Connects to the backend at `path` and brings the device up the way
-    /// QEMU does: owner, feature and protocol-feature negotiation, memory
-    /// table, then every queue configured and enabled, ready for requests.
-    pub fn connect(path: impl AsRef<Path>, config: &DriverConfig) -> Result<Self> {
-        assert!(
-            config.queue_size.is_power_of_two(),
-            "split queue size must be a power of two"
-        );
-        let stream = connect_with_retry(path.as_ref(), config.connect_timeout)?;
+impl Negotiated {
+    fn new(path: &Path, config: &DriverConfig) -> Result<Self> {
+        let stream = connect_with_retry(path, config.connect_timeout)?;
         let mut frontend = Frontend::from_stream(stream, config.num_queues as u64);
 
         frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
@@ -407,10 +395,10 @@ impl VhostUserDriver {
             }
         }
 
-        let offered_protocol = frontend
+        let offered_protocol_features = frontend
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        let acked_protocol_features = offered_protocol & config.protocol_features;
+        let acked_protocol_features = offered_protocol_features & config.protocol_features;
         frontend
             .set_protocol_features(acked_protocol_features)
             .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
@@ -433,16 +421,63 @@ impl VhostUserDriver {
         frontend
             .set_features(acked_features)
             .map_err(vhost_err("SET_FEATURES"))?;
+        Ok(Negotiated {
+            frontend,
+            offered_features,
+            acked_features,
+            offered_protocol_features,
+            acked_protocol_features,
+        })
+    }
+}
+
+/// The frontend end of one vhost-user connection, with its guest RAM and
+/// virtqueues. Dropping it closes the connection (see [`Self::disconnect`]).
+pub struct VhostUserDriver {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    allocator: GuestAllocator,
+    queues: Vec<Virtqueue>,
+    offered_features: u64,
+    acked_features: u64,
+    offered_protocol_features: VhostUserProtocolFeatures,
+    acked_protocol_features: VhostUserProtocolFeatures,
+    event_idx: bool,
+    indirect: bool,
+    /// The inflight region from GET_INFLIGHT_FD, kept across reconnections.
+    inflight: Option<(VhostUserInflight, File)>,
+}
+
+impl VhostUserDriver {
+    /// Connects to the backend at `path` and brings the device up the way
+    /// QEMU does: owner, feature and protocol-feature negotiation, memory
+    /// table, then every queue configured and enabled, ready for requests.
+    pub fn connect(path: impl AsRef<Path>, config: &DriverConfig) -> Result<Self> {
+        assert!(
+            config.queue_size.is_power_of_two(),
+            "split queue size must be a power of two"
+        );
+        let negotiated = Negotiated::new(path.as_ref(), config)?;
+        let mut frontend = negotiated.frontend;
+        // Before the rings, as QEMU's vhost-user-blk does: a fresh region for every queue.
+        let inflight = if negotiated
+            .acked_protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            let asked = VhostUserInflight::new(0, 0, config.num_queues as u16, config.queue_size);
+            let (region, file) = frontend
+                .get_inflight_fd(&asked)
+                .map_err(vhost_err("GET_INFLIGHT_FD"))?;
+            frontend
+                .set_inflight_fd(&region, file.as_raw_fd())
+                .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+            Some((region, file))
+        } else {
+            None
+        };
 
         let mem = Self::create_guest_ram(config)?;
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(vhost_err("describing guest RAM"))?;
-        frontend
-            .set_mem_table(&regions)
-            .map_err(vhost_err("SET_MEM_TABLE"))?;
+        Self::set_mem_table(&mut frontend, &mem)?;
 
         let (desc_len, avail_len, used_len) = ring_sizes(config.queue_size);
         let rings_len = desc_len.next_multiple_of(RING_ALIGN)
@@ -461,12 +496,13 @@ impl VhostUserDriver {
             mem,
             allocator,
             queues: Vec::with_capacity(config.num_queues),
-            offered_features,
-            acked_features,
-            offered_protocol_features: offered_protocol,
-            acked_protocol_features,
+            offered_features: negotiated.offered_features,
+            acked_features: negotiated.acked_features,
+            offered_protocol_features: negotiated.offered_protocol_features,
+            acked_protocol_features: negotiated.acked_protocol_features,
             event_idx: config.event_idx,
             indirect: config.indirect,
+            inflight,
         };
         for index in 0..config.num_queues {
             let desc_table = GuestAddress(config.mem_base + rings_len * index as u64);
@@ -475,6 +511,48 @@ impl VhostUserDriver {
             driver.setup_queue(index, config.queue_size, desc_table, avail_ring, used_ring)?;
         }
         Ok(driver)
+    }
+
+    /// Connects again to a backend started anew on `path` (after the previous one died) and
+    /// restarts the device the way QEMU does after a reconnection: the same guest RAM and rings,
+    /// the inflight region kept from the first connection, each ring's base set to its used
+    /// index (QEMU's fallback when it could not ask the dead backend), and new kick and call
+    /// eventfds, so that nothing kicks the device unless it kicks itself. Chains in flight stay
+    /// in flight, waiting for the new backend.
+    pub fn reconnect(&mut self, path: impl AsRef<Path>, config: &DriverConfig) -> Result<()> {
+        let negotiated = Negotiated::new(path.as_ref(), config)?;
+        self.frontend = negotiated.frontend;
+        if let Some((region, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(region, file.as_raw_fd())
+                .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+        }
+        Self::set_mem_table(&mut self.frontend, &self.mem)?;
+        for index in 0..self.queues.len() {
+            let used_idx = self.device_used_idx(index)?;
+            let (kick, call, call_epoll) = Self::ring_eventfds()?;
+            let queue = &mut self.queues[index];
+            (queue.kick, queue.call, queue.call_epoll) = (kick, call, call_epoll);
+            self.configure_ring(index, used_idx)?;
+        }
+        Ok(())
+    }
+
+    /// The inflight region's file, when INFLIGHT_SHMFD was negotiated.
+    pub fn inflight_file(&self) -> Option<&File> {
+        self.inflight.as_ref().map(|(_, file)| file)
+    }
+
+    fn set_mem_table(frontend: &mut Frontend, mem: &GuestMemoryMmap) -> Result<()> {
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(vhost_err("describing guest RAM"))?;
+        frontend
+            .set_mem_table(&regions)
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+        Ok(())
     }
 
     fn create_guest_ram(config: &DriverConfig) -> Result<GuestMemoryMmap> {
@@ -497,14 +575,7 @@ impl VhostUserDriver {
         Ok(self.mem.get_host_address(addr)? as u64)
     }
 
-    fn setup_queue(
-        &mut self,
-        index: usize,
-        size: u16,
-        desc_table: GuestAddress,
-        avail_ring: GuestAddress,
-        used_ring: GuestAddress,
-    ) -> Result<()> {
+    fn ring_eventfds() -> Result<(EventFd, EventFd, Epoll)> {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating kick eventfd"))?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating call eventfd"))?;
         let call_epoll = Epoll::new().map_err(io_err("creating epoll"))?;
@@ -515,36 +586,18 @@ impl VhostUserDriver {
                 EpollEvent::new(EventSet::IN, 0),
             )
             .map_err(io_err("watching call eventfd"))?;
+        Ok((kick, call, call_epoll))
+    }
 
-        let ring_config = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: self.frontend_addr(desc_table)?,
-            used_ring_addr: self.frontend_addr(used_ring)?,
-            avail_ring_addr: self.frontend_addr(avail_ring)?,
-            log_addr: None,
-        };
-        self.frontend
-            .set_vring_num(index, size)
-            .map_err(vhost_err("SET_VRING_NUM"))?;
-        self.frontend
-            .set_vring_base(index, 0)
-            .map_err(vhost_err("SET_VRING_BASE"))?;
-        self.frontend
-            .set_vring_addr(index, &ring_config)
-            .map_err(vhost_err("SET_VRING_ADDR"))?;
-        self.frontend
-            .set_vring_call(index, &call)
-            .map_err(vhost_err("SET_VRING_CALL"))?;
-        self.frontend
-            .set_vring_kick(index, &kick)
-            .map_err(vhost_err("SET_VRING_KICK"))?;
-        // With PROTOCOL_FEATURES acked, rings start disabled until this.
-        self.frontend
-            .set_vring_enable(index, true)
-            .map_err(vhost_err("SET_VRING_ENABLE"))?;
-
+    fn setup_queue(
+        &mut self,
+        index: usize,
+        size: u16,
+        desc_table: GuestAddress,
+        avail_ring: GuestAddress,
+        used_ring: GuestAddress,
+    ) -> Result<()> {
+        let (kick, call, call_epoll) = Self::ring_eventfds()?;
         self.queues.push(Virtqueue {
             size,
             desc_table,
@@ -561,7 +614,40 @@ impl VhostUserDriver {
             call_epoll,
             stats: QueueStats::default(),
         });
-        Ok(())
+        self.configure_ring(index, 0)
+    }
+
+    /// Hands queue `index` to the backend, reading the available ring from `base` on.
+    fn configure_ring(&mut self, index: usize, base: u16) -> Result<()> {
+        let q = &self.queues[index];
+        let ring_config = VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.frontend_addr(q.desc_table)?,
+            used_ring_addr: self.frontend_addr(q.used_ring)?,
+            avail_ring_addr: self.frontend_addr(q.avail_ring)?,
+            log_addr: None,
+        };
+        self.frontend
+            .set_vring_num(index, q.size)
+            .map_err(vhost_err("SET_VRING_NUM"))?;
+        self.frontend
+            .set_vring_base(index, base)
+            .map_err(vhost_err("SET_VRING_BASE"))?;
+        self.frontend
+            .set_vring_addr(index, &ring_config)
+            .map_err(vhost_err("SET_VRING_ADDR"))?;
+        self.frontend
+            .set_vring_call(index, &q.call)
+            .map_err(vhost_err("SET_VRING_CALL"))?;
+        self.frontend
+            .set_vring_kick(index, &q.kick)
+            .map_err(vhost_err("SET_VRING_KICK"))?;
+        // With PROTOCOL_FEATURES acked, rings start disabled until this.
+        self.frontend
+            .set_vring_enable(index, true)
+            .map_err(vhost_err("SET_VRING_ENABLE"))
     }
 
     /// Feature bits the backend offered in GET_FEATURES.
@@ -902,6 +988,14 @@ impl VhostUserDriver {
         q.kick.write(1).map_err(io_err("writing kick eventfd"))?;
         q.stats.kicks += 1;
         Ok(())
+    }
+
+    /// The used index the device has published, taken by the driver or not.
+    pub fn device_used_idx(&self, queue: usize) -> Result<u16> {
+        let q = self.queue(queue)?;
+        Ok(u16::from_le(
+            self.mem.load(q.used_idx_addr(), Ordering::Acquire)?,
+        ))
     }
 
     /// Whether the device has published a used element not yet taken.

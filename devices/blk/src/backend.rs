@@ -6,22 +6,28 @@
 //! whether the driver wants it). Once the queue is dry and nothing is in flight, the worker may
 //! keep polling the ring for a short window before it re-enables notifications: a driver that
 //! keeps the disk busy then never has to kick, and an idle one costs one window per kick.
+//!
+//! Over vhost-user, the requests taken and not yet answered are recorded in the connection's
+//! inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), so that a backend restarted after a
+//! crash resubmits them before it takes new ones, although they complete out of order.
 
 use std::io;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
+use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, Resubmission};
 use hvisor_vhost_device::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
 use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
@@ -96,6 +102,8 @@ struct QueueWorker {
     scratch: RequestScratch,
     engine: Engine,
     finished: Vec<Finished>,
+    /// The queue's part of the connection's inflight region, when the frontend set one.
+    inflight: Option<InflightQueue>,
 }
 
 #[cfg(test)]
@@ -156,6 +164,7 @@ impl<S: Storage> BlkBackend<S> {
                 scratch: RequestScratch::default(),
                 engine,
                 finished: Vec::new(),
+                inflight: None,
             })
         };
         Ok(BlkBackend {
@@ -221,6 +230,13 @@ impl<S: Storage> BlkBackend<S> {
                 if event_idx {
                     vring.disable_notification().map_err(io::Error::other)?;
                 }
+                if worker
+                    .inflight
+                    .as_ref()
+                    .is_some_and(InflightQueue::needs_recovery)
+                {
+                    completed += self.resubmit_in_flight(vring, &mem, worker, queue_index);
+                }
                 completed += self.start_available(vring, &mem, worker, queue_index);
             }
             if let Engine::Uring(path) = &mut worker.engine {
@@ -231,10 +247,9 @@ impl<S: Storage> BlkBackend<S> {
             }
             for done in worker.finished.drain(..) {
                 let used_len = complete(&mem, done.reply, done.status, done.written);
-                if self
-                    .rings
-                    .add_used(vring, queue_index as u16, done.reply.head, used_len)
-                {
+                let head = done.reply.head;
+                let inflight = worker.inflight.as_mut();
+                if self.add_used(vring, inflight, queue_index, head, used_len) {
                     completed += 1;
                 }
             }
@@ -288,20 +303,126 @@ impl<S: Storage> BlkBackend<S> {
     ) -> usize {
         let mut completed = 0;
         while let Some(chain) = self.rings.pop(vring, queue_index as u16, mem) {
-            let head = chain.head_index();
-            let Some(used_len) = process_chain(
-                &self.device,
-                mem,
-                chain,
-                &mut worker.scratch,
-                &mut worker.engine,
-            ) else {
-                continue;
-            };
-            if self
-                .rings
-                .add_used(vring, queue_index as u16, head, used_len)
-            {
+            if let Some(tracker) = &mut worker.inflight {
+                tracker.begin(chain.head_index());
+            }
+            if self.start_chain(vring, mem, worker, queue_index, chain) {
+                completed += 1;
+            }
+        }
+        completed
+    }
+
+    /// Starts the request of one chain; true when it was answered at once.
+    fn start_chain(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        worker: &mut QueueWorker,
+        queue_index: usize,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> bool {
+        let head = chain.head_index();
+        let Some(used_len) = process_chain(
+            &self.device,
+            mem,
+            chain,
+            &mut worker.scratch,
+            &mut worker.engine,
+        ) else {
+            return false;
+        };
+        self.add_used(vring, worker.inflight.as_mut(), queue_index, head, used_len)
+    }
+
+    /// Puts a finished request in the used ring, through the queue's inflight tracker if any;
+    /// false when the used ring cannot be written (the queue is stopped then).
+    fn add_used(
+        &self,
+        vring: &VringRwLock,
+        inflight: Option<&mut InflightQueue>,
+        queue_index: usize,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        let add = || {
+            if self.rings.add_used(vring, queue_index as u16, head, len) {
+                Ok(vring.get_ref().get_queue().next_used())
+            } else {
+                Err(())
+            }
+        };
+        match inflight {
+            Some(tracker) => tracker.publish(head, add).is_ok(),
+            None => add().is_ok(),
+        }
+    }
+
+    /// Once per inflight region, before the queue takes new requests: settles the region with
+    /// the ring and starts again the requests a previous backend took and never answered, oldest
+    /// first; new requests then follow from where that backend stopped reading the available
+    /// ring. Returns how many were answered at once. A region that does not fit the queue turns
+    /// tracking off for the queue.
+    fn resubmit_in_flight(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        worker: &mut QueueWorker,
+        queue_index: usize,
+    ) -> usize {
+        let Some(tracker) = worker.inflight.as_mut() else {
+            return 0;
+        };
+        let (queue_size, desc_table, used_idx) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            let used_idx = queue.used_idx(mem, Ordering::Acquire);
+            (queue.size(), queue.desc_table(), used_idx)
+        };
+        let recovery = used_idx
+            .map_err(|error| error.to_string())
+            .and_then(|used_idx| {
+                tracker
+                    .recover(used_idx.0, queue_size)
+                    .map_err(|error| error.to_string())
+            });
+        let recovery = match recovery {
+            Ok(recovery) => recovery,
+            Err(error) => {
+                warn!("queue {queue_index}: in-flight requests are not tracked: {error}");
+                worker.inflight = None;
+                return 0;
+            }
+        };
+        if let Some(next_avail) = recovery.next_avail {
+            vring.set_queue_next_avail(next_avail);
+        }
+        if recovery.resubmit.is_empty() {
+            return 0;
+        }
+        info!(
+            "queue {queue_index}: resubmitting {} request(s) left in flight by the previous \
+             backend",
+            recovery.resubmit.len()
+        );
+        let mut resubmission = match Resubmission::new(
+            mem,
+            GuestAddress(desc_table),
+            queue_size,
+            &recovery.resubmit,
+        ) {
+            Ok(resubmission) => resubmission,
+            Err(error) => {
+                warn!(
+                    "queue {queue_index}: cannot resubmit descriptors {:?}: {error}",
+                    recovery.resubmit
+                );
+                return 0;
+            }
+        };
+        let mut completed = 0;
+        for chain in resubmission.chains() {
+            if self.start_chain(vring, mem, worker, queue_index, chain) {
                 completed += 1;
             }
         }
@@ -331,6 +452,27 @@ impl<S: Storage> BlkBackend<S> {
 impl<S: Storage> VirtioDevice for BlkBackend<S> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        if let Some(region) = &region {
+            if usize::from(region.num_queues()) < self.workers.len() {
+                warn!(
+                    "the inflight region covers {} of {} queues; the others are not tracked",
+                    region.num_queues(),
+                    self.workers.len()
+                );
+            }
+        }
+        for (index, worker) in (0u16..).zip(&self.workers) {
+            let mut worker = worker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            worker.inflight = region
+                .clone()
+                .and_then(|region| InflightQueue::new(region, index));
+        }
+        Ok(())
     }
 
     fn set_fault_handler(&self, handler: FaultHandler) {
@@ -372,7 +514,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        common_protocol_features()
+        common_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn reset_device(&self) {

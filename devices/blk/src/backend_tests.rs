@@ -19,6 +19,11 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryM
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use std::sync::Arc;
+
+use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, create_region_file};
+use virtio_queue::QueueT;
+
 use super::{BlkBackend, Engine};
 use crate::config::BlkConfig;
 use crate::device::tests::FaultyStorage;
@@ -118,6 +123,27 @@ impl Rig {
 
     fn default(event_idx: bool) -> Self {
         Self::new(BlkConfig::memory(DISK_SIZE), event_idx)
+    }
+
+    /// A fresh inflight region for the rig's queues, as GET_INFLIGHT_FD makes one.
+    fn inflight_file(&self) -> File {
+        create_region_file(self.vrings.len() as u16, QUEUE_SIZE)
+            .unwrap()
+            .0
+    }
+
+    /// A mapping of the inflight region in `file`, as SET_INFLIGHT_FD makes one.
+    fn map_inflight(&self, file: &File) -> Arc<InflightRegion> {
+        let queues = self.vrings.len() as u16;
+        let size = file.metadata().unwrap().len();
+        let file = file.try_clone().unwrap();
+        Arc::new(InflightRegion::map(file, 0, size, queues, QUEUE_SIZE).unwrap())
+    }
+
+    /// Gives the backend the region in `file`, as SET_INFLIGHT_FD does.
+    fn set_inflight(&self, file: &File) {
+        let region = self.map_inflight(file);
+        self.backend.set_inflight_region(Some(region)).unwrap();
     }
 
     fn rings(&self, queue: usize) -> &MockSplitQueue<'static, GuestMemoryMmap> {
@@ -1010,6 +1036,85 @@ fn stop_vring_waits_for_the_batch_in_flight() {
     rig.backend.stop_vring(5).unwrap();
 }
 
+/// Writes `byte` over 4 KiB at sector 8 * `index` through its own header, data and status
+/// buffers; returns the head.
+fn publish_write(rig: &mut Rig, index: u64, byte: u8) -> u16 {
+    let header = HEADER + 0x100 * index;
+    let data = DATA + 0x1000 * index;
+    rig.mem
+        .write_obj(
+            RequestHeader {
+                request_type: Le32::from(VIRTIO_BLK_T_OUT),
+                reserved: Le32::from(0),
+                sector: Le64::from(8 * index),
+            },
+            GuestAddress(header),
+        )
+        .unwrap();
+    rig.fill(data, 4096, byte);
+    rig.fill(STATUS + index, 1, STATUS_UNTOUCHED);
+    rig.add_chain(
+        0,
+        &[
+            readable(header, 16),
+            readable(data, 4096),
+            writable(STATUS + index, 1),
+        ],
+    )
+}
+
+/// A backend that died with requests in flight left them in the region; the new one resubmits
+/// them, oldest first, before it takes new requests, and starts reading the available ring where
+/// the dead one stopped although the frontend restored it to the used index. Here the dead
+/// backend took heads 0, 1 and 2 (2 first), answered 1, and never saw 3: after the restart
+/// the used ring holds 1, then 2 and 0 resubmitted, then 3, each exactly once.
+#[test]
+fn requests_left_in_flight_by_a_dead_backend_are_resubmitted_first() {
+    let mut rig = Rig::default(false);
+    let heads: Vec<u16> = (0..4)
+        .map(|i| publish_write(&mut rig, i, 0x60 + i as u8))
+        .collect();
+    let region = rig.inflight_file();
+    {
+        let mut tracker = InflightQueue::new(rig.map_inflight(&region), 0).unwrap();
+        tracker.recover(0, QUEUE_SIZE).unwrap();
+        let vring = &rig.vrings[0];
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(rig.mem);
+            taken.push(chain.unwrap().head_index());
+        }
+        for head in [taken[2], taken[0], taken[1]] {
+            tracker.begin(head);
+        }
+        tracker
+            .publish(taken[1], || {
+                vring.add_used(taken[1], 1).unwrap();
+                Ok::<_, ()>(vring.get_ref().get_queue().next_used())
+            })
+            .unwrap();
+    }
+    // The restart: QEMU resumes the available ring at the used index, a new region mapping
+    // arrives, and the queue's first event comes.
+    rig.vrings[0].set_queue_next_avail(1);
+    rig.set_inflight(&region);
+    rig.kick(0);
+    let used: Vec<u32> = (0..rig.used_idx(0)).map(|at| rig.used(0, at).0).collect();
+    let expected: Vec<u32> = [1, 2, 0, 3].iter().map(|&i| u32::from(heads[i])).collect();
+    assert_eq!(used, expected);
+    for index in [0u64, 2, 3] {
+        assert_eq!(rig.bytes(STATUS + index, 1), [ok()], "request {index}");
+        assert!(
+            rig.disk(4096 * index, 4096)
+                .iter()
+                .all(|&b| b == 0x60 + index as u8)
+        );
+    }
+}
+
 /// Counts the heap allocations of the current thread, for the hot-path test below.
 mod allocation_count {
     use std::alloc::{GlobalAlloc, Layout, System};
@@ -1074,7 +1179,9 @@ fn serve_write_read_flush(rig: &mut Rig) -> u64 {
 /// flushes allocates nothing, with either engine.
 #[test]
 fn the_request_path_does_not_allocate_once_warm() {
-    for mut rig in [Rig::default(true), Rig::uring(true)] {
+    let tracked = Rig::uring(true);
+    tracked.set_inflight(&tracked.inflight_file());
+    for mut rig in [Rig::default(true), Rig::uring(true), tracked] {
         // Five rounds of three requests: the mock rings cannot wrap past the 16th entry.
         serve_write_read_flush(&mut rig);
         let allocations: u64 = (0..4).map(|_| serve_write_read_flush(&mut rig)).sum();

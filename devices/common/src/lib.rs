@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::inflight::InflightRegion;
 use crate::queue::FaultHandler;
 
 /// Adds and removes a device's own descriptors in one worker thread's wait set.
@@ -37,6 +38,17 @@ pub trait VirtioDevice {
         Ok(())
     }
 
+    /// Hands the device the inflight region of its vhost-user connection (`None` drops it), for
+    /// devices that offer `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. Called before the queues start
+    /// and after every worker has finished with the previous connection.
+    fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        let _ = region;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this device does not track in-flight requests",
+        ))
+    }
+
     /// Installs what the device calls when it stops a queue whose ring the driver broke (see
     /// [`queue::Rings`]); the transport decides what the driver is told. Installed before the
     /// driver can kick a queue; a later call replaces the handler.
@@ -56,6 +68,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
         (**self).attach_event_registry(thread_id, registry)
     }
 
+    fn set_inflight_region(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        (**self).set_inflight_region(region)
+    }
+
     fn set_fault_handler(&self, handler: FaultHandler) {
         (**self).set_fault_handler(handler)
     }
@@ -70,6 +86,7 @@ pub mod backend;
 pub mod chain;
 pub mod config_space;
 pub mod exit;
+pub mod inflight;
 pub mod log_limit;
 pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
