@@ -6,6 +6,8 @@
 pub mod cli;
 mod frontend_relay;
 pub mod hvisor;
+pub mod logging;
+mod memory_backing;
 pub mod vhost_user;
 
 use std::io;
@@ -161,15 +163,17 @@ fn load_hvisor_config(path: &std::path::Path) -> Result<hvisor::config::VirtioCo
 pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
     use hvisor::port::{DevHvisor, HypervisorPort, SocketPort};
     let config = load_hvisor_config(&args.config)?;
+    // Before the hand-off: a hypervisor side that gets a reply can count on being served.
+    let devices = hvisor::devices::open_all(&config).map_err(hvisor::server::ServerError::from)?;
     let stop = StopSignal::new().map_err(Error::Signals)?;
     vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
     name_process_like_hvisor_tool();
     let port: Arc<dyn HypervisorPort> = match &args.hypervisor_socket {
-        Some(path) => Arc::new(SocketPort::connect(path)?),
+        Some(path) => Arc::new(SocketPort::connect(path, &config)?),
         None => Arc::new(DevHvisor::open()?),
     };
     let poll = std::time::Duration::from_micros(args.poll_us);
-    let mut server = hvisor::server::Server::new(&config, port, poll)?;
+    let mut server = hvisor::server::Server::new(&config, devices, port, poll)?;
     server.run(&stop)?;
     drop(server);
     info!("stopped");
@@ -179,8 +183,9 @@ pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
 /// Plays hvisor for one daemon and exercises every configured device.
 pub fn simulate(args: SimulateArgs) -> Result<(), Error> {
     let config = load_hvisor_config(&args.config)?;
-    let simulator = hvisor::simulator::Simulator::new(&config, true)
-        .map_err(|error| Error::Simulator(error.to_string()))?;
+    let simulator =
+        hvisor::simulator::Simulator::new(&config, hvisor::simulator::SimOptions::default())
+            .map_err(|error| Error::Simulator(format!("{}: {error}", args.config.display())))?;
     info!("waiting for a daemon on {}", args.socket.display());
     simulator
         .listen_and_attach(&args.socket)

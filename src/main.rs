@@ -4,7 +4,7 @@ use clap::Parser;
 use hvisor_vhost::cli::Cli;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    hvisor_vhost::logging::init();
     match hvisor_vhost::run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

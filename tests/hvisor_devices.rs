@@ -172,11 +172,16 @@ fn rng_fills_a_posted_buffer_from_its_source() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// A rig serving a console on the Unix socket `socket`.
+fn console_on(socket: &std::path::Path) -> Rig {
+    rig_with(serde_json::json!({ "type": "console", "socket": socket }))
+}
+
 #[test]
 fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("console.sock");
-    let rig = rig_with(serde_json::json!({ "type": "console", "socket": socket }));
+    let rig = console_on(&socket);
     let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
     let (offered, mut queues) = start_device(&mmio, memory, VIRTIO_ID_CONSOLE, 0, &[128, 128])?;
@@ -206,6 +211,47 @@ fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     let head = receiveq.add(memory, &[writable(buffer(1), 256)])?;
     mmio.notify(0)?;
     take_interrupt(&rig, &mmio, "the receive buffer")?;
+    assert_eq!(wait_used(receiveq, memory)?, (head, input.len() as u32));
+    let mut received = vec![0u8; input.len()];
+    memory.read_slice(&mut received, buffer(1))?;
+    assert_eq!(received, input);
+    Ok(rig.stop()?)
+}
+
+/// Input from the console's host side is the device's own initiative: it must not land in a
+/// receive buffer before DRIVER_OK either (virtio 1.2 2.1.2), and lands right after it.
+#[test]
+fn console_input_waits_for_driver_ok() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("console.sock");
+    let rig = console_on(&socket);
+    let memory = rig.memory(ZONE);
+    let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
+    assert_eq!(mmio.probe()?, VIRTIO_ID_CONSOLE);
+    mmio.initialize(VIRTIO_F_VERSION_1)?;
+    let mut receiveq = None;
+    for index in 0..2u32 {
+        let at = area(u64::from(index));
+        DriverQueue::clear(memory, QUEUE_SIZE, at)?;
+        let queue = mmio.setup_queue(index, QUEUE_SIZE, at)?;
+        if index == 0 {
+            receiveq = Some(queue);
+        }
+    }
+    let receiveq = receiveq.as_mut().ok_or("no receive queue")?;
+    let head = receiveq.add(memory, &[writable(buffer(1), 256)])?;
+    let mut client = UnixStream::connect(&socket)?;
+    let input = b"typed before DRIVER_OK";
+    client.write_all(input)?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        receiveq.pop_used(memory)?,
+        None,
+        "input delivered before DRIVER_OK"
+    );
+    assert!(rig.sim.take_interrupts().is_empty());
+    mmio.driver_ok()?;
+    take_interrupt(&rig, &mmio, "input after DRIVER_OK")?;
     assert_eq!(wait_used(receiveq, memory)?, (head, input.len() as u32));
     let mut received = vec![0u8; input.len()];
     memory.read_slice(&mut received, buffer(1))?;

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use hvisor_vhost::hvisor::guest::{BlkGuest, Buffer, DriverQueue, MmioGuest, blk}
 use hvisor_vhost::hvisor::mmio::reg;
 use hvisor_vhost::hvisor::ring::HypervisorSide;
 use support::hvisor::*;
-use vm_memory::{Address, Bytes};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
 const BLK: BlkSpec = BlkSpec {
@@ -471,6 +473,81 @@ fn malformed_register_accesses_are_answered_and_harmless() -> TestResult {
     Ok(rig.stop()?)
 }
 
+/// The used index of `queue`, as the driver reads it.
+fn used_index(memory: &vm_memory::GuestMemoryMmap, queue: &DriverQueue) -> TestResult<u16> {
+    Ok(memory.read_obj(queue.used.unchecked_add(2))?)
+}
+
+/// Waits long enough for a worker to have served a request it was kicked for, and checks that
+/// none was: a request served early shows here within microseconds.
+fn assert_nothing_served(
+    memory: &vm_memory::GuestMemoryMmap,
+    queue: &DriverQueue,
+    image: &std::path::Path,
+    what: &str,
+) -> TestResult {
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(used_index(memory, queue)?, 0, "a request was served {what}");
+    assert!(
+        image_bytes(image, 0, 4096) == vec![0; 4096],
+        "the image was written {what}"
+    );
+    Ok(())
+}
+
+/// virtio 1.2 2.1.2 and 3.1.1: the device uses no buffer before DRIVER_OK, and DRIVER_OK
+/// counts only after negotiated features. A notify that comes too early is not lost: the
+/// buffers are served once DRIVER_OK is set.
+#[test]
+fn queues_serve_nothing_before_driver_ok() -> TestResult {
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let image = &rig.images[0];
+    let data = pattern(60, 4096);
+
+    let mmio = rig.mmio(BLK, 0);
+    negotiate(&mmio)?;
+    DriverQueue::clear(memory, 64, area(0))?;
+    let queue = mmio.setup_queue(0, 64, area(0))?;
+    let mut driver = PolledBlk::new(mmio, queue, memory);
+    let head = driver.post(BLK_T_OUT, 0, Payload::Out(&data))?;
+    // Answered after the notify ahead of it in the ring was handled.
+    assert_eq!(
+        driver.mmio.read(reg::STATUS)?,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    );
+    assert_nothing_served(memory, &driver.queue, image, "before DRIVER_OK")?;
+    assert!(logged(&["QueueNotify for queue 0 before DRIVER_OK"]));
+    driver.mmio.driver_ok()?;
+    assert_eq!(driver.wait_used(head)?, 1, "served at DRIVER_OK");
+    driver.acknowledge_interrupt()?;
+    assert!(image_bytes(image, 0, 4096) == data);
+
+    // DRIVER_OK without FEATURES_OK does not stick, and serves nothing either.
+    File::options()
+        .write(true)
+        .open(image)?
+        .write_all_at(&[0; 4096], 0)?;
+    let mmio = rig.mmio(BLK, 0);
+    begin_initialization(&mmio)?;
+    DriverQueue::clear(memory, 64, area(1))?;
+    let queue = mmio.setup_queue(0, 64, area(1))?;
+    mmio.write(
+        reg::STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+    )?;
+    assert_eq!(mmio.read(reg::STATUS)?, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    assert!(logged(&["DRIVER_OK without negotiated features"]));
+    let mut driver = PolledBlk::new(mmio, queue, memory);
+    driver.post(BLK_T_OUT, 0, Payload::Out(&data))?;
+    driver.mmio.read(reg::STATUS)?;
+    assert_nothing_served(memory, &driver.queue, image, "without FEATURES_OK")?;
+
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(2), 64)?;
+    write_and_verify(&mut driver, image, 0, 61)?;
+    Ok(rig.stop()?)
+}
+
 #[test]
 fn accesses_where_no_device_is_are_answered_and_posted_ones_never() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));
@@ -591,6 +668,24 @@ fn devices_of_two_zones_serve_interleaved_io_from_several_cpus() -> TestResult {
         };
         let count = interrupts.iter().filter(|&&taken| taken == line).count();
         assert_eq!(count, 2 * ROUNDS as usize, "interrupts of {line:?}");
+    }
+    Ok(rig.stop()?)
+}
+
+/// docs/hypervisor-socket.md lets windows share one descriptor at different offsets: each
+/// zone must be served from its own part of the file.
+#[test]
+fn zones_whose_ram_shares_one_file_are_served_from_their_own_part() -> TestResult {
+    let rig = Rig::start(RigOptions {
+        shared_ram_file: true,
+        ..RigOptions::new(&[BLK, BLK_ZONE2])
+    });
+    // The same guest addresses in both zones: only the file offset tells them apart.
+    let mut first = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
+    let mut second = PolledBlk::start(rig.mmio(BLK_ZONE2, 1), area(0), 64)?;
+    for round in 0..4 {
+        write_and_verify(&mut first, &rig.images[0], round * 8, 30 + round as u32)?;
+        write_and_verify(&mut second, &rig.images[1], round * 8, 40 + round as u32)?;
     }
     Ok(rig.stop()?)
 }
@@ -772,51 +867,133 @@ fn a_reset_between_requests_gives_a_fresh_device() -> TestResult {
     Ok(rig.stop()?)
 }
 
-#[test]
-fn a_reset_with_requests_in_flight_is_answered() -> TestResult {
-    let rig = Rig::start(RigOptions::new(&[BLK]));
-    let memory = rig.memory(ZONE);
-    let buffers = area(4);
+/// A 32 KiB write of what lies at `at + 4096`, with its header at `at` and its status byte
+/// right after: one chain to publish many times over.
+fn slow_write_request(
+    memory: &vm_memory::GuestMemoryMmap,
+    at: GuestAddress,
+) -> TestResult<[Buffer; 3]> {
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, buffers)?;
-    let request = [
+    memory.write_slice(&header, at)?;
+    Ok([
         Buffer {
-            addr: buffers,
+            addr: at,
             len: 16,
             device_writable: false,
         },
         Buffer {
-            addr: buffers.unchecked_add(4096),
+            addr: at.unchecked_add(4096),
             len: 0x8000,
             device_writable: false,
         },
         Buffer {
-            addr: buffers.unchecked_add(16),
+            addr: at.unchecked_add(16),
             len: 1,
             device_writable: true,
         },
-    ];
-    // The window is a worker in the middle of a batch: reset once it has completed the
-    // first of many requests, each slowed down by write-through (writeback byte 0).
+    ])
+}
+
+/// Publishes `count` copies of `request` and resets the device once the first completed: the
+/// worker is then in the middle of a batch, each request slowed down by write-through
+/// (writeback byte 0).
+fn reset_mid_batch(
+    mmio: &MmioGuest,
+    queue: &mut DriverQueue,
+    memory: &vm_memory::GuestMemoryMmap,
+    request: &[Buffer],
+    count: usize,
+) -> TestResult {
+    mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
+    for _ in 0..count {
+        queue.add(memory, request)?;
+    }
+    mmio.notify(0)?;
+    wait_until(
+        "the first completion",
+        || Ok(used_index(memory, queue)? > 0),
+    )?;
+    mmio.write(reg::STATUS, 0)?;
+    Ok(())
+}
+
+#[test]
+fn a_reset_with_requests_in_flight_is_answered() -> TestResult {
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let request = slow_write_request(memory, area(4))?;
     for round in 0..3 {
         let mut guest = BlkGuest::start(&rig.sim, ZONE, BLK.addr, area(round % 2), 64, 4096)?;
-        guest.mmio.write_sized(reg::CONFIG + 0x20, 1, 0)?;
-        for _ in 0..20 {
-            guest.queue.add(memory, &request)?;
-        }
-        guest.mmio.notify(0)?;
-        let used_index = guest.queue.used.unchecked_add(2);
-        wait_until("the first completion", || {
-            Ok(memory.read_obj::<u16>(used_index)? > 0)
-        })?;
-        guest.mmio.write(reg::STATUS, 0)?;
+        reset_mid_batch(&guest.mmio, &mut guest.queue, memory, &request, 20)?;
         assert_eq!(guest.mmio.read(reg::STATUS)?, 0, "round {round}");
     }
     let mut guest = BlkGuest::start(&rig.sim, ZONE, BLK.addr, area(2), 64, 4096)?;
     let data = pattern(22, 4096);
     assert_eq!(guest.write(200, &data)?, blk::S_OK);
     assert!(guest.read(200, 4096)? == (blk::S_OK, data));
+    Ok(rig.stop()?)
+}
+
+/// Initializes the device as a driver does after it reset it itself: no reset of its own.
+fn initialize_after_reset(mmio: MmioGuest<'_>, at: GuestAddress) -> TestResult<PolledBlk<'_>> {
+    let memory = mmio.sim.memory(ZONE).ok_or("zone without RAM")?;
+    mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE)?;
+    mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
+    assert_ne!(offer_features(&mmio, NEGOTIATED)? & STATUS_FEATURES_OK, 0);
+    DriverQueue::clear(memory, 64, at)?;
+    let queue = mmio.setup_queue(0, 64, at)?;
+    mmio.driver_ok()?;
+    Ok(PolledBlk::new(mmio, queue, memory))
+}
+
+/// virtio 1.2 2.4.1: once a reset completes, the device sends no notification of the old
+/// driver's requests, and its interrupt line is clean for the next driver. Completions
+/// signalled just before the reset used to become an interrupt just after it, leaving
+/// InterruptStatus set and the line "asserted", so the next driver's first completion raised
+/// no interrupt at all. The race needs a reset while the worker is completing requests, so
+/// many rounds go through one.
+#[test]
+fn a_reset_with_writes_in_flight_leaves_no_interrupt_behind_and_loses_none() -> TestResult {
+    const ROUNDS: u32 = 100;
+    let rig = Rig::start(RigOptions::new(&[BLK]));
+    let memory = rig.memory(ZONE);
+    let bridge = rig.sim.bridge();
+    let results_posted = || bridge.res_rear.load(Ordering::Acquire);
+    let request = slow_write_request(memory, area(4))?;
+    let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
+    for round in 0..ROUNDS {
+        reset_mid_batch(&driver.mmio, &mut driver.queue, memory, &request, 16)?;
+        let posted_at_reset = results_posted();
+        assert_eq!(
+            driver.mmio.read(reg::INTERRUPT_STATUS)?,
+            0,
+            "round {round}: InterruptStatus right after the reset"
+        );
+
+        let at = area(1 + u64::from(round % 2));
+        driver = initialize_after_reset(rig.mmio(BLK, 0), at)?;
+        assert_eq!(
+            driver.mmio.read(reg::INTERRUPT_STATUS)?,
+            0,
+            "round {round}: InterruptStatus after the re-initialization"
+        );
+        assert_eq!(
+            results_posted(),
+            posted_at_reset,
+            "round {round}: an interrupt was posted after the reset"
+        );
+        rig.sim.take_interrupts();
+
+        let head = driver.post(BLK_T_OUT, 0, Payload::Out(&pattern(round, 512)))?;
+        driver.wait_used(head)?;
+        wait_until("the new driver's interrupt", || {
+            Ok(results_posted() != posted_at_reset)
+        })
+        .map_err(|error| format!("round {round}: {error}"))?;
+        driver.acknowledge_interrupt()?;
+    }
+    write_and_verify(&mut driver, &rig.images[0], 64, 62)?;
     Ok(rig.stop()?)
 }
 

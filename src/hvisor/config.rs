@@ -10,10 +10,13 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
+
+use super::file_kind::describe;
 
 /// Zone ids are indexes into per-zone tables of this size, in hvisor and in the daemon.
 pub const MAX_ZONES: u32 = 32;
@@ -22,6 +25,9 @@ pub const MAX_DEVICES: usize = 8;
 /// hvisor-tool's `CONFIG_MAX_MEMORY_REGIONS`, per zone.
 pub const MAX_MEMORY_REGIONS: usize = 64;
 pub const PAGE_SIZE: u64 = 4096;
+/// Largest configuration file read: real ones are a few KiB, and a path like `/dev/zero` must
+/// not make the daemon read forever.
+pub const MAX_FILE_SIZE: u64 = 1 << 20;
 /// virtio-blk's device id string is a fixed 20-byte field (`VIRTIO_BLK_ID_BYTES`).
 pub const MAX_SERIAL_LEN: usize = 20;
 /// Linux `IFNAMSIZ` is 16 including the terminating NUL; hvisor-tool rejects longer names too.
@@ -212,6 +218,13 @@ impl fmt::Display for NumberProblem {
 pub enum ConfigError {
     #[error("{}: cannot read the file: {source}", file.display())]
     Read { file: PathBuf, source: io::Error },
+    #[error("{}: is {kind}; the configuration must be a regular file", file.display())]
+    NotAFile { file: PathBuf, kind: String },
+    #[error(
+        "{}: {size} bytes; a configuration may have at most {MAX_FILE_SIZE}",
+        file.display()
+    )]
+    TooLarge { file: PathBuf, size: u64 },
     #[error("{}: not valid JSON: {source}", file.display())]
     Syntax {
         file: PathBuf,
@@ -306,13 +319,54 @@ pub enum ConfigError {
 }
 
 impl VirtioConfig {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and validates `path`, which must be a regular file of at most
+    /// [`MAX_FILE_SIZE`] bytes.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
-        })?;
+        };
+        // Non-blocking, so that a FIFO with no writer is refused below instead of waiting here.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_error)?;
+        let metadata = file.metadata().map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(ConfigError::NotAFile {
+                file: path.to_path_buf(),
+                kind: describe(&file, &metadata),
+            });
+        }
+        let mut text = String::new();
+        // One byte more than allowed tells a file that grew past the limit since the stat.
+        file.take(MAX_FILE_SIZE + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        let size = metadata.len().max(text.len() as u64);
+        if size > MAX_FILE_SIZE {
+            return Err(ConfigError::TooLarge {
+                file: path.to_path_buf(),
+                size,
+            });
+        }
         Self::parse(&text, path)
+    }
+
+    /// The zones the daemon serves: those with at least one enabled device (only their RAM
+    /// is mapped).
+    pub fn served_zones(&self) -> impl Iterator<Item = &ZoneConfig> {
+        self.zones.iter().filter(|zone| !zone.devices.is_empty())
+    }
+
+    /// Every memory region the daemon maps, with its zone id.
+    pub fn served_regions(&self) -> impl Iterator<Item = (u32, &MemoryRegion)> {
+        self.served_zones().flat_map(|zone| {
+            zone.memory_regions
+                .iter()
+                .map(move |region| (zone.id, region))
+        })
     }
 
     /// Parses and validates `text`; `origin` only names the file in messages.

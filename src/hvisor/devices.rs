@@ -9,10 +9,9 @@ use hvisor_vhost_net::{MacAddress, NetBackend, NetConfig};
 use hvisor_vhost_rng::{DEFAULT_SOURCE, RateLimit, RngBackend, RngConfig};
 use log::info;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{DeviceConfig, DeviceKind};
-use super::interrupt::InterruptLine;
+use super::config::{DeviceConfig, DeviceKind, VirtioConfig};
+use super::interrupt::{Injector, InterruptLine};
 use super::mmio::{MmioDevice, MmioRegisters};
 
 /// Queue size offered to hvisor guests; the C daemon offers 512 for blk.
@@ -32,10 +31,11 @@ pub enum DeviceError {
     },
 }
 
-/// A started device: its registers and the call eventfds the interrupt thread watches.
+/// A started device: its registers, and its interrupt line, whose call eventfds the interrupt
+/// thread watches.
 pub struct Started {
     pub registers: Box<dyn MmioRegisters>,
-    pub calls: Vec<EventFd>,
+    pub line: Arc<InterruptLine>,
 }
 
 pub fn kind_name(kind: &DeviceKind) -> &'static str {
@@ -57,11 +57,29 @@ pub fn device_name(zone: u32, device: &DeviceConfig) -> String {
     )
 }
 
+/// A device whose host side is open (image, TAP, console, entropy source) but which has no
+/// guest memory yet: everything that can fail on the host's side fails before the daemon
+/// attaches to the hypervisor.
+pub struct OpenDevice {
+    pub zone: u32,
+    pub config: DeviceConfig,
+    pub name: String,
+    backend: OpenBackend,
+}
+
+enum OpenBackend {
+    Blk(BlkBackend),
+    Net(NetBackend),
+    Console(ConsoleBackend),
+    Rng(RngBackend),
+}
+
 fn start<B>(
     name: String,
     backend: B,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    line: Arc<InterruptLine>,
+    line: (u32, u32),
+    injector: Arc<Injector>,
 ) -> Result<Started, DeviceError>
 where
     B: vhost_user_backend::VhostUserBackend<Vring = vhost_user_backend::VringRwLock, Bitmap = ()>
@@ -69,84 +87,116 @@ where
         + Clone
         + 'static,
 {
-    let (device, calls) = MmioDevice::new(name.clone(), backend, memory, line)
+    let device = MmioDevice::new(name.clone(), backend, memory, line, injector)
         .map_err(|source| DeviceError::Start { name, source })?;
     Ok(Started {
+        line: device.line().clone(),
         registers: Box::new(device),
-        calls,
     })
 }
 
-/// Creates the backend for `device` of `zone` and puts virtio-mmio in front of it.
-pub fn create(
-    zone: u32,
-    device: &DeviceConfig,
-    memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    line: Arc<InterruptLine>,
-) -> Result<Started, DeviceError> {
-    let name = device_name(zone, device);
-    let backend_error = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Backend {
-        name: name.clone(),
-        source,
-    };
-    match &device.kind {
-        DeviceKind::Blk {
-            img,
-            readonly,
-            serial,
-        } => {
-            let config = BlkConfig {
-                backing: Backing::Image(img.clone()),
-                readonly: *readonly,
-                serial: serial.clone(),
-                num_queues: 1,
-                queue_size: BLK_QUEUE_SIZE,
-                ..BlkConfig::image(img.clone())
+impl OpenDevice {
+    /// Opens the host side of `device` of `zone`.
+    pub fn open(zone: u32, device: &DeviceConfig) -> Result<Self, DeviceError> {
+        let name = device_name(zone, device);
+        let backend_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Backend {
+                name: name.clone(),
+                source,
+            };
+        let backend = match &device.kind {
+            DeviceKind::Blk {
+                img,
+                readonly,
+                serial,
+            } => {
+                let config = BlkConfig {
+                    backing: Backing::Image(img.clone()),
+                    readonly: *readonly,
+                    serial: serial.clone(),
+                    num_queues: 1,
+                    queue_size: BLK_QUEUE_SIZE,
+                    ..BlkConfig::image(img.clone())
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Blk(
+                    BlkBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = BlkBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Net { tap, mac } => {
-            let config = NetConfig {
-                mac: Some(MacAddress(*mac)),
-                ..NetConfig::tap(tap.clone())
+            DeviceKind::Net { tap, mac } => {
+                let config = NetConfig {
+                    mac: Some(MacAddress(*mac)),
+                    ..NetConfig::tap(tap.clone())
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Net(
+                    NetBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = NetBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Console { socket, log } => {
-            let config = ConsoleConfig {
-                backend: socket
-                    .clone()
-                    .map_or(BackendConfig::Pty, BackendConfig::UnixSocket),
-                output_log: log.clone(),
+            DeviceKind::Console { socket, log } => {
+                let config = ConsoleConfig {
+                    backend: socket
+                        .clone()
+                        .map_or(BackendConfig::Pty, BackendConfig::UnixSocket),
+                    output_log: log.clone(),
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                let backend =
+                    ConsoleBackend::new(&config).map_err(|error| backend_error(error.into()))?;
+                if let Some(pty) = backend.pty_path() {
+                    info!(
+                        "{name}: console on {} (attach with `screen {}`)",
+                        pty.display(),
+                        pty.display()
+                    );
+                }
+                OpenBackend::Console(backend)
             }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend =
-                ConsoleBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            if let Some(pty) = backend.pty_path() {
-                info!(
-                    "{name}: console on {} (attach with `screen {}`)",
-                    pty.display(),
-                    pty.display()
-                );
+            DeviceKind::Rng { source, rate_limit } => {
+                let config = RngConfig {
+                    source: source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
+                    rate_limit: rate_limit.map(RateLimit::per_second),
+                }
+                .validate()
+                .map_err(|error| backend_error(error.into()))?;
+                OpenBackend::Rng(
+                    RngBackend::new(&config).map_err(|error| backend_error(error.into()))?,
+                )
             }
-            start(name.clone(), Arc::new(backend), memory, line)
-        }
-        DeviceKind::Rng { source, rate_limit } => {
-            let config = RngConfig {
-                source: source.clone().unwrap_or_else(|| DEFAULT_SOURCE.into()),
-                rate_limit: rate_limit.map(RateLimit::per_second),
-            }
-            .validate()
-            .map_err(|error| backend_error(error.into()))?;
-            let backend = RngBackend::new(&config).map_err(|error| backend_error(error.into()))?;
-            start(name.clone(), Arc::new(backend), memory, line)
+        };
+        Ok(OpenDevice {
+            zone,
+            config: device.clone(),
+            name,
+            backend,
+        })
+    }
+
+    /// Puts virtio-mmio in front of the device, on the zone's `memory`, with interrupts
+    /// through `injector`.
+    pub fn start(
+        self,
+        memory: GuestMemoryAtomic<GuestMemoryMmap>,
+        injector: Arc<Injector>,
+    ) -> Result<Started, DeviceError> {
+        let (name, line) = (self.name, (self.zone, self.config.irq));
+        match self.backend {
+            OpenBackend::Blk(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Net(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Console(backend) => start(name, Arc::new(backend), memory, line, injector),
+            OpenBackend::Rng(backend) => start(name, Arc::new(backend), memory, line, injector),
         }
     }
+}
+
+/// Opens every enabled device of the zones `config` serves, in file order.
+pub fn open_all(config: &VirtioConfig) -> Result<Vec<OpenDevice>, DeviceError> {
+    config
+        .served_zones()
+        .flat_map(|zone| zone.devices.iter().map(|device| (zone.id, device)))
+        .map(|(zone, device)| OpenDevice::open(zone, device))
+        .collect()
 }

@@ -1,11 +1,13 @@
 //! Interrupt delivery to zones: each device's InterruptStatus and line state, and the one
 //! path that puts interrupts into the result ring.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::warn;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::abi::DeviceRes;
 use super::port::HypervisorPort;
@@ -40,16 +42,18 @@ impl Injector {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
+    /// Held while a result is pushed; a device reset takes it to wait out a push in progress.
     fn lock_results(&self) -> MutexGuard<'_, ()> {
         self.results
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `irq` for `zone` and signals FINISH_REQ. When the result ring is full it backs
-    /// off with the lock released, nudging the hypervisor to drain, so register answers of
-    /// other devices never wait behind it.
-    pub fn inject(&self, zone: u32, irq: u32) {
+    /// Queues `irq` for `zone` and signals FINISH_REQ, unless `still_wanted` (asked with the
+    /// result lock held, right before the push) says a reset has made the interrupt stale.
+    /// When the result ring is full it backs off with the lock released, nudging the
+    /// hypervisor to drain, so register answers of other devices never wait behind it.
+    fn inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) {
         let result = DeviceRes {
             target_zone: zone,
             irq_id: irq,
@@ -59,6 +63,10 @@ impl Injector {
         loop {
             let pushed = {
                 let _results = self.lock_results();
+                if !still_wanted() {
+                    log::debug!("irq {irq} of zone {zone}: dropped, its device was reset");
+                    return;
+                }
                 push_result(self.port.bridge(), result)
             };
             if let Err(error) = self.port.finish_request() {
@@ -80,7 +88,7 @@ impl Injector {
         }
     }
 
-    pub fn deassert(&self, zone: u32, irq: u32) {
+    fn deassert(&self, zone: u32, irq: u32) {
         if let Err(error) = self.port.deassert_irq(zone, irq) {
             warn!("deasserting irq {irq} of zone {zone} failed: {error}");
         }
@@ -93,22 +101,36 @@ struct LineState {
     /// An interrupt was sent and the guest has not yet acknowledged everything: further
     /// events only set status bits (the hypervisor's per-CPU pending list is tiny).
     asserted: bool,
+    /// Counts device resets: an interrupt decided before a reset is not sent after it.
+    resets: u64,
 }
 
-/// One device's interrupt line into its zone.
+impl LineState {
+    /// Sets `bits`; returns `Some(resets)` if an interrupt must be sent, `None` if one is
+    /// outstanding.
+    fn raise(&mut self, bits: u32) -> Option<u64> {
+        self.status |= bits;
+        (!std::mem::replace(&mut self.asserted, true)).then_some(self.resets)
+    }
+}
+
+/// One device's interrupt line into its zone, with the call eventfds its queues signal.
 pub struct InterruptLine {
     zone: u32,
     irq: u32,
     injector: Arc<Injector>,
+    /// One per queue, written by the device when it used buffers; read only under `state`.
+    calls: Vec<EventFd>,
     state: Mutex<LineState>,
 }
 
 impl InterruptLine {
-    pub fn new(zone: u32, irq: u32, injector: Arc<Injector>) -> Self {
+    pub fn new(zone: u32, irq: u32, injector: Arc<Injector>, calls: Vec<EventFd>) -> Self {
         InterruptLine {
             zone,
             irq,
             injector,
+            calls,
             state: Mutex::new(LineState::default()),
         }
     }
@@ -119,21 +141,42 @@ impl InterruptLine {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The call eventfd of each queue, for the thread that waits on them.
+    pub fn calls(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.calls.iter().map(AsRawFd::as_raw_fd)
+    }
+
     /// Sets `bits` in InterruptStatus and sends an interrupt unless one is outstanding.
     pub fn raise(&self, bits: u32) {
+        let send = self.lock().raise(bits);
+        self.send(send);
+    }
+
+    /// Queue `queue` signalled its call eventfd: INT_VRING, if the signal is still pending.
+    /// Reading it under the lock is what lets a reset drop signals from before it.
+    pub fn queue_used_buffers(&self, queue: usize) {
         let send = {
             let mut state = self.lock();
-            state.status |= bits;
-            !std::mem::replace(&mut state.asserted, true)
+            match self.calls.get(queue).map(EventFd::read) {
+                Some(Ok(_)) => state.raise(INT_VRING),
+                // Drained by a reset in the meantime.
+                _ => None,
+            }
         };
-        // Outside the lock: a full result ring must not stall the guest's status reads.
+        self.send(send);
+    }
+
+    /// Outside the state lock: a full result ring must not stall the guest's status reads.
+    fn send(&self, decided: Option<u64>) {
         log::trace!(
-            "irq {} of zone {}: raise {bits:#x}, send {send}",
+            "irq {} of zone {}: send {}",
             self.irq,
-            self.zone
+            self.zone,
+            decided.is_some()
         );
-        if send {
-            self.injector.inject(self.zone, self.irq);
+        if let Some(resets) = decided {
+            self.injector
+                .inject(self.zone, self.irq, || self.lock().resets == resets);
         }
     }
 
@@ -150,10 +193,20 @@ impl InterruptLine {
         }
     }
 
-    /// Device reset: no interrupt pending any more.
+    /// Device reset, once the device's queues are stopped (nothing signals any more): signals
+    /// not yet turned into an interrupt are dropped, an interrupt decided but not yet in the
+    /// result ring is not sent, and the line is clean for the next driver (virtio 1.2 2.4.1:
+    /// no notification after the reset).
     pub fn reset(&self) {
+        // Waits out a push in progress, which then is in the ring before the reset completes.
+        let _results = self.injector.lock_results();
         let mut state = self.lock();
+        for call in &self.calls {
+            // EAGAIN: nothing pending.
+            let _ = call.read();
+        }
         state.status = 0;
+        state.resets += 1;
         if std::mem::take(&mut state.asserted) {
             self.injector.deassert(self.zone, self.irq);
         }

@@ -14,12 +14,14 @@
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
@@ -27,9 +29,10 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use hvisor_vhost_device::log_limit::LogLimiter;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
-use super::interrupt::InterruptLine;
+use super::interrupt::{Injector, InterruptLine};
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
@@ -124,20 +127,39 @@ where
     queues: Vec<QueueRegisters>,
     status: u32,
     config_generation: u32,
+    mistakes: GuestMistakes,
+}
+
+/// Mistakes a driver can repeat at will: each kind is logged at most once a second per device.
+struct GuestMistakes {
+    early_notify: LogLimiter,
+    notify: LogLimiter,
+    status: LogLimiter,
+}
+
+impl GuestMistakes {
+    fn new() -> Self {
+        let limiter = || LogLimiter::new(module_path!(), Duration::from_secs(1));
+        GuestMistakes {
+            early_notify: limiter(),
+            notify: limiter(),
+            status: limiter(),
+        }
+    }
 }
 
 impl<B> MmioDevice<B>
 where
     B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
-    /// Sets up the queues and worker threads. Returns the device and, per queue, the call
-    /// eventfd the interrupt thread must watch.
+    /// Sets up the queues, their interrupt line (`irq` of `zone`) and the worker threads.
     pub fn new(
         name: String,
         backend: B,
         memory: GuestMemoryAtomic<GuestMemoryMmap>,
-        line: Arc<InterruptLine>,
-    ) -> std::io::Result<(Self, Vec<EventFd>)> {
+        (zone, irq): (u32, u32),
+        injector: Arc<Injector>,
+    ) -> std::io::Result<Self> {
         backend.update_memory(memory.clone())?;
         let num_queues = backend.num_queues();
         let max_size = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
@@ -163,7 +185,7 @@ where
             memory,
             vrings,
             kicks,
-            line,
+            line: Arc::new(InterruptLine::new(zone, irq, injector, calls)),
             workers: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -172,9 +194,15 @@ where
             queues: vec![QueueRegisters::default(); num_queues],
             status: 0,
             config_generation: 0,
+            mistakes: GuestMistakes::new(),
         };
         device.start_workers()?;
-        Ok((device, calls))
+        Ok(device)
+    }
+
+    /// The device's interrupt line, whose call eventfds the interrupt thread watches.
+    pub fn line(&self) -> &Arc<InterruptLine> {
+        &self.line
     }
 
     /// One thread per `queues_per_thread` mask, each waiting on the kicks of its queues.
@@ -251,8 +279,16 @@ where
             self.reset();
             return;
         }
-        let mut status = value;
-        let newly_features_ok = value & VIRTIO_CONFIG_S_FEATURES_OK != 0
+        let cleared = self.status & !value;
+        if cleared != 0 {
+            self.mistakes.status.warn(format_args!(
+                "{}: Status {value:#x} would clear bits {cleared:#x}; only a reset (0) clears \
+                 them, so they stay set",
+                self.name
+            ));
+        }
+        let mut status = self.status | value;
+        let newly_features_ok = status & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         if newly_features_ok {
             let offered = self.offered_features();
@@ -274,15 +310,53 @@ where
                 );
             }
         }
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            self.mistakes.status.warn(format_args!(
+                "{}: DRIVER_OK without negotiated features (FEATURES_OK is clear); DRIVER_OK \
+                 stays clear and the queues stay stopped",
+                self.name
+            ));
+            status &= !VIRTIO_CONFIG_S_DRIVER_OK;
+        }
+        let was_live = self.driver_ok();
         self.status = status;
+        if !was_live && self.driver_ok() {
+            self.start_queues();
+        }
+    }
+
+    /// DRIVER_OK after negotiated features: only then may the device use its queues (virtio
+    /// 1.2, 2.1.2 and 3.1.1).
+    fn driver_ok(&self) -> bool {
+        let live = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        self.status & live == live
+    }
+
+    /// At DRIVER_OK: the ready queues go live, and each is kicked once, so that buffers the
+    /// driver made available before (and any notify it sent too early) are served now.
+    fn start_queues(&self) {
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.ready {
+                self.vrings[index].set_enabled(true);
+                self.kick(index);
+            }
+        }
+    }
+
+    fn kick(&self, index: usize) {
+        log::trace!("{}: kick queue {index}", self.name);
+        if let Err(error) = self.kicks[index].write(1) {
+            error!("{}: kicking queue {index}: {error}", self.name);
+        }
     }
 
     fn features_locked(&self) -> bool {
         self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
     }
 
-    /// Device reset (Status = 0): queues stopped and cleared, features and interrupt state
-    /// forgotten, the backend reset.
+    /// Device reset (Status = 0): queues stopped and cleared (stopping a queue waits for its
+    /// worker's batch in flight), features forgotten, the backend reset, and then the interrupt
+    /// line cleaned: nothing the old driver caused reaches the guest after the reset.
     fn reset(&mut self) {
         for index in 0..self.queues.len() {
             self.disable_queue(index);
@@ -346,7 +420,9 @@ where
             );
             return;
         }
-        vring.set_enabled(true);
+        // Live only from DRIVER_OK on; until then neither kicks nor the device's own events
+        // (input on a console or TAP) use the queue.
+        vring.set_enabled(self.driver_ok());
         self.queues[index].ready = true;
         debug!(
             "{}: queue {index} ready with {} entries",
@@ -355,17 +431,18 @@ where
     }
 
     fn notify(&self, value: u64) {
-        match self.kicks.get(value as usize) {
-            Some(kick) if self.queues[value as usize].ready => {
-                log::trace!("{}: kick queue {value}", self.name);
-                if let Err(error) = kick.write(1) {
-                    error!("{}: kicking queue {value}: {error}", self.name);
-                }
-            }
-            _ => warn!(
+        let index = usize::try_from(value).unwrap_or(usize::MAX);
+        match self.queues.get(index) {
+            Some(queue) if queue.ready && self.driver_ok() => self.kick(index),
+            Some(queue) if queue.ready => self.mistakes.early_notify.warn(format_args!(
+                "{}: QueueNotify for queue {value} before DRIVER_OK; its buffers are served \
+                 once the driver sets DRIVER_OK",
+                self.name
+            )),
+            _ => self.mistakes.notify.warn(format_args!(
                 "{}: QueueNotify for queue {value}, which is not ready",
                 self.name
-            ),
+            )),
         }
     }
 

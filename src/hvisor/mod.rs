@@ -14,6 +14,7 @@ pub use hvisor_bridge::{abi, ring, sync};
 
 pub mod config;
 pub mod devices;
+mod file_kind;
 pub mod guest;
 pub mod handoff;
 pub mod interrupt;

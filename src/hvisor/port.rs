@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use super::abi::{
     BRIDGE_MAP_SIZE, HVISOR_FINISH_REQ, HVISOR_INIT_VIRTIO, HVISOR_SET_EVENTFD, VirtioBridge,
 };
-use super::config::MemoryRegion;
-use super::handoff::{self, DaemonReply, HypervisorHello};
+use super::config::{MemoryRegion, VirtioConfig};
+use super::handoff::{self, DaemonReply, Handoff, HandoffError, HypervisorHello};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
@@ -34,8 +34,8 @@ pub enum PortError {
     EventFd(io::Error),
     #[error("hypervisor socket {path}: {source}")]
     Socket { path: PathBuf, source: io::Error },
-    #[error("hypervisor socket {path}: {message}")]
-    Handoff { path: PathBuf, message: String },
+    #[error("hypervisor socket {path}: {source}")]
+    Handoff { path: PathBuf, source: HandoffError },
     #[error(
         "hypervisor socket offers no RAM window for zone {zone} at zone0_ipa {zone0_ipa:#x} of at least {size:#x} bytes"
     )]
@@ -247,49 +247,55 @@ pub struct SocketPort {
     bridge: BridgeMapping,
     wakeup: EventFd,
     finish: EventFd,
-    windows: Vec<(handoff::RamWindow, File)>,
+    windows: Vec<handoff::Window>,
 }
 
 impl SocketPort {
-    pub fn connect(path: &Path) -> Result<Self, PortError> {
+    /// Connects to `path` and runs the hand-off for the RAM of `config`'s served zones.
+    pub fn connect(path: &Path, config: &VirtioConfig) -> Result<Self, PortError> {
         let connection = UnixStream::connect(path).map_err(|source| PortError::Socket {
             path: path.to_owned(),
             source,
         })?;
-        Self::attach(connection, path)
+        Self::attach(connection, path, config)
     }
 
-    /// Runs the hand-off on an already connected stream; `path` names it in messages.
-    pub fn attach(connection: UnixStream, path: &Path) -> Result<Self, PortError> {
-        let socket_error = |source| PortError::Socket {
+    /// Runs the hand-off on an already connected stream; `path` names it in messages. Every
+    /// descriptor is checked against the hello and `config` before the reply: a hypervisor side
+    /// that gets a reply can count on the daemon to serve.
+    pub fn attach(
+        connection: UnixStream,
+        path: &Path,
+        config: &VirtioConfig,
+    ) -> Result<Self, PortError> {
+        let handoff_error = |source: HandoffError| PortError::Handoff {
             path: path.to_owned(),
             source,
         };
-        let handoff_error = |message: String| PortError::Handoff {
-            path: path.to_owned(),
-            message,
-        };
-        let (hello, mut files): (HypervisorHello, Vec<Option<File>>) =
-            handoff::receive(&connection).map_err(|error| handoff_error(error.to_string()))?;
-        hello.check().map_err(handoff_error)?;
-        let mut take = |index: usize, what: &str| {
-            files.get_mut(index).and_then(Option::take).ok_or_else(|| {
-                handoff_error(format!(
-                    "{what} names descriptor {index}, which was not sent"
-                ))
-            })
-        };
-        let bridge_file = take(hello.bridge_fd, "bridge_fd")?;
-        // SAFETY: the hypervisor side sent an eventfd, which we now own alone.
-        let wakeup = unsafe { event_fd_from(take(hello.wakeup_fd, "wakeup_fd")?) };
-        let mut windows = Vec::new();
-        for window in &hello.windows {
-            windows.push((window.clone(), take(window.fd, "window fd")?));
-        }
-        let bridge = BridgeMapping::map(&bridge_file).map_err(PortError::MapBridge)?;
+        let (message, files): (serde_json::Value, Vec<Option<File>>) =
+            handoff::receive(&connection).map_err(|source| PortError::Socket {
+                path: path.to_owned(),
+                source,
+            })?;
+        let hello =
+            HypervisorHello::from_json(&message).map_err(|error| handoff_error(error.into()))?;
+        let regions: Vec<(u32, MemoryRegion)> = config
+            .served_regions()
+            .map(|(zone, region)| (zone, *region))
+            .collect();
+        let Handoff {
+            bridge,
+            wakeup,
+            windows,
+        } = Handoff::check(&hello, files, &regions).map_err(handoff_error)?;
+        let bridge = BridgeMapping::map(&bridge).map_err(PortError::MapBridge)?;
         let finish = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(PortError::EventFd)?;
-        handoff::send(&connection, &DaemonReply::new(0), &[finish.as_raw_fd()])
-            .map_err(socket_error)?;
+        handoff::send(&connection, &DaemonReply::new(0), &[finish.as_raw_fd()]).map_err(
+            |source| PortError::Socket {
+                path: path.to_owned(),
+                source,
+            },
+        )?;
         info!(
             "attached to the hypervisor at {} ({} RAM window(s))",
             path.display(),
@@ -305,24 +311,16 @@ impl SocketPort {
     }
 }
 
-/// # Safety
-/// `file` must be an eventfd that nothing else owns.
-unsafe fn event_fd_from(file: File) -> EventFd {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: guaranteed by the caller.
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
-}
-
 impl HypervisorPort for SocketPort {
     fn bridge(&self) -> &VirtioBridge {
         self.bridge.bridge()
     }
 
     fn zone_ram(&self, zone: u32, region: &MemoryRegion) -> Result<FileOffset, PortError> {
-        let (window, file) = self
+        let window = self
             .windows
             .iter()
-            .find(|(window, _)| {
+            .find(|window| {
                 window.zone == zone
                     && window.zone0_ipa == region.zone0_ipa
                     && window.size >= region.size
@@ -332,11 +330,7 @@ impl HypervisorPort for SocketPort {
                 zone0_ipa: region.zone0_ipa,
                 size: region.size,
             })?;
-        let file = file.try_clone().map_err(|source| PortError::Socket {
-            path: PathBuf::from("(hand-off)"),
-            source,
-        })?;
-        Ok(FileOffset::new(file, window.offset))
+        Ok(FileOffset::from_arc(window.file.clone(), window.offset))
     }
 
     fn wakeup(&self) -> &EventFd {

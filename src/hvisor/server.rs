@@ -8,14 +8,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::mmap::FromRangesError;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::abi::{DeviceReq, MAX_DEVS};
 use super::config::{VirtioConfig, ZoneConfig};
-use super::devices::{self, DeviceError};
-use super::interrupt::{INT_VRING, Injector, InterruptLine};
+use super::devices::{DeviceError, OpenDevice};
+use super::interrupt::{Injector, InterruptLine};
 use super::mmio::MmioRegisters;
 use super::port::{HypervisorPort, PortError};
 use super::ring::{RequestConsumer, answer};
@@ -30,10 +31,21 @@ pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
 pub enum ServerError {
     #[error(transparent)]
     Port(#[from] PortError),
-    #[error("zone {zone}: cannot map its RAM windows: {source}")]
+    #[error(
+        "zone {zone}: memory_region[{region}] (zone0_ipa {zone0_ipa:#x}, {size:#x} bytes): cannot \
+         map it: {source}"
+    )]
     ZoneMemory {
         zone: u32,
-        source: vm_memory::mmap::FromRangesError,
+        region: usize,
+        zone0_ipa: u64,
+        size: u64,
+        source: FromRangesError,
+    },
+    #[error("zone {zone}: {source}")]
+    ZoneLayout {
+        zone: u32,
+        source: vm_memory::GuestRegionCollectionError,
     },
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -97,51 +109,54 @@ pub struct Server {
 }
 
 fn map_zone(port: &dyn HypervisorPort, zone: &ZoneConfig) -> Result<GuestMemoryMmap, ServerError> {
-    let mut ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = Vec::new();
-    for region in &zone.memory_regions {
+    let mut regions = Vec::new();
+    for (index, region) in zone.memory_regions.iter().enumerate() {
         let file_offset = port.zone_ram(zone.id, region)?;
-        ranges.push((
-            GuestAddress(region.zonex_ipa),
-            region.size as usize,
-            Some(file_offset),
-        ));
+        let mapped = usize::try_from(region.size)
+            .map_err(|_| FromRangesError::InvalidGuestRegion)
+            .and_then(|size| {
+                GuestRegionMmap::from_range(GuestAddress(region.zonex_ipa), size, Some(file_offset))
+            })
+            .map_err(|source| ServerError::ZoneMemory {
+                zone: zone.id,
+                region: index,
+                zone0_ipa: region.zone0_ipa,
+                size: region.size,
+                source,
+            })?;
+        regions.push(mapped);
     }
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|source| ServerError::ZoneMemory {
+    GuestMemoryMmap::from_regions(regions).map_err(|source| ServerError::ZoneLayout {
         zone: zone.id,
         source,
     })
 }
 
 impl Server {
-    /// Maps every zone's RAM, starts every enabled device and the interrupt thread.
+    /// Maps the RAM of every zone with devices, starts `devices` (opened from `config` by
+    /// [`devices::open_all`]) and the interrupt thread.
     pub fn new(
         config: &VirtioConfig,
+        devices: Vec<OpenDevice>,
         port: Arc<dyn HypervisorPort>,
         poll: Duration,
     ) -> Result<Self, ServerError> {
         let injector = Arc::new(Injector::new(port.clone()));
         let mut windows = Vec::new();
-        let mut interrupt_sources = Vec::new();
-        for zone in &config.zones {
-            if zone.devices.is_empty() {
-                continue;
-            }
+        let mut lines = Vec::new();
+        let mut devices = devices.into_iter().peekable();
+        for zone in config.served_zones() {
             let memory = GuestMemoryAtomic::new(map_zone(port.as_ref(), zone)?);
-            for device in &zone.devices {
-                let line = Arc::new(InterruptLine::new(zone.id, device.irq, injector.clone()));
-                let started = devices::create(zone.id, device, memory.clone(), line.clone())?;
-                let name = devices::device_name(zone.id, device);
-                info!(
-                    "{name}: serving {} bytes at {:#x}, irq {}",
-                    device.len, device.addr, device.irq
-                );
-                for call in started.calls {
-                    interrupt_sources.push((call, line.clone()));
-                }
+            while let Some(device) = devices.next_if(|device| device.zone == zone.id) {
+                let (base, len, irq) = (device.config.addr, device.config.len, device.config.irq);
+                let name = device.name.clone();
+                let started = device.start(memory.clone(), injector.clone())?;
+                info!("{name}: serving {len} bytes at {base:#x}, irq {irq}");
+                lines.push(started.line);
                 windows.push(Window {
                     zone: zone.id,
-                    base: device.addr,
-                    len: device.len,
+                    base,
+                    len,
                     name,
                     registers: started.registers,
                 });
@@ -153,8 +168,7 @@ impl Server {
             slot.store(window.base, Ordering::Relaxed);
         }
         bridge.mmio_avail.store(1, Ordering::Release);
-        let interrupts =
-            spawn_interrupt_thread(interrupt_sources).map_err(ServerError::Interrupts)?;
+        let interrupts = spawn_interrupt_thread(lines).map_err(ServerError::Interrupts)?;
         Ok(Server {
             port,
             injector,
@@ -320,16 +334,19 @@ impl Drop for Server {
 }
 
 /// One thread turns every queue's call eventfd into INT_VRING on its device's line.
-fn spawn_interrupt_thread(
-    sources: Vec<(EventFd, Arc<InterruptLine>)>,
-) -> io::Result<(EventFd, JoinHandle<()>)> {
+fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
-    for (token, (call, _)) in sources.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            call.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token as u64),
-        )?;
+    // Token = position in `sources`: a line and one of its queues.
+    let mut sources = Vec::new();
+    for line in &lines {
+        for (queue, call) in line.calls().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                call,
+                EpollEvent::new(EventSet::IN, sources.len() as u64),
+            )?;
+            sources.push((line.clone(), queue));
+        }
     }
     let exit = EventFd::new(EFD_NONBLOCK)?;
     let exit_token = sources.len() as u64;
@@ -356,10 +373,8 @@ fn spawn_interrupt_thread(
                     if token == exit_token {
                         return;
                     }
-                    let (call, line) = &sources[token as usize];
-                    if call.read().is_ok() {
-                        line.raise(INT_VRING);
-                    }
+                    let (line, queue) = &sources[token as usize];
+                    line.queue_used_buffers(*queue);
                 }
             }
         })?;

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -51,6 +51,12 @@ pub enum SimError {
 }
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<File> {
+    if i64::try_from(size).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            "more than a file can hold (2^63 - 1 bytes)",
+        ));
+    }
     // SAFETY: the name is NUL terminated; the result is checked below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -65,7 +71,7 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<File> {
 struct SimulatedZone {
     id: u32,
     memory: GuestMemoryMmap,
-    windows: Vec<(RamWindow, File)>,
+    windows: Vec<(RamWindow, Arc<File>)>,
     /// Device windows, to tell posted QueueNotify writes from synchronous accesses.
     devices: Vec<(u64, u64)>,
 }
@@ -95,37 +101,115 @@ pub struct Simulator {
     detached: AtomicBool,
 }
 
+/// How the simulator plays hvisor.
+#[derive(Clone, Copy, Debug)]
+pub struct SimOptions {
+    /// A write to QueueNotify at a device window's start is posted (`need_interrupt = 1`), as
+    /// hvisor does when each device has its own virtio region.
+    pub posted_notify: bool,
+    /// All zone RAM windows in one memfd, one after the other at page-aligned offsets (the
+    /// hand-off lets windows share a descriptor); otherwise one memfd per window.
+    pub shared_ram_file: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            posted_notify: true,
+            shared_ram_file: false,
+        }
+    }
+}
+
+/// A memory region of the configuration that cannot be simulated, named as in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "zones[{zone_index}] (zone id {zone}), memory_region[{region}], field \"size\": cannot \
+         back {size:#x} bytes of simulated zone RAM: {source}"
+    )]
+    Region {
+        zone_index: usize,
+        zone: u32,
+        region: usize,
+        size: u64,
+        source: io::Error,
+    },
+    #[error("the bridge page: {0}")]
+    Bridge(io::Error),
+    #[error("{0}")]
+    Setup(io::Error),
+}
+
 impl Simulator {
-    /// Creates the bridge page and every zone's RAM windows for `config`. With
-    /// `posted_notify`, a write to QueueNotify at a device window's start is posted
-    /// (`need_interrupt = 1`), as hvisor does when each device has its own virtio region.
-    pub fn new(config: &VirtioConfig, posted_notify: bool) -> io::Result<Arc<Self>> {
-        let bridge_file = memfd(c"hvisor-bridge", BRIDGE_MAP_SIZE as u64)?;
-        let bridge = BridgeMapping::map(&bridge_file)?;
+    /// Creates the bridge page and every zone's RAM windows for `config`.
+    pub fn new(config: &VirtioConfig, options: SimOptions) -> Result<Arc<Self>, SetupError> {
+        let bridge_file =
+            memfd(c"hvisor-bridge", BRIDGE_MAP_SIZE as u64).map_err(SetupError::Bridge)?;
+        let bridge = BridgeMapping::map(&bridge_file).map_err(SetupError::Bridge)?;
+        let shared_file = if options.shared_ram_file {
+            Some(Arc::new(
+                memfd(c"hvisor-zone-ram", 0).map_err(SetupError::Setup)?,
+            ))
+        } else {
+            None
+        };
+        let mut shared_len = 0u64;
         let mut zones = Vec::new();
-        for zone in &config.zones {
+        for (zone_index, zone) in config.zones.iter().enumerate() {
             let mut windows = Vec::new();
-            let mut ranges = Vec::new();
-            for region in &zone.memory_regions {
-                let file = memfd(c"hvisor-zone-ram", region.size)?;
-                ranges.push((
-                    GuestAddress(region.zonex_ipa),
-                    region.size as usize,
-                    Some(FileOffset::new(file.try_clone()?, 0)),
-                ));
+            let mut regions = Vec::new();
+            for (region_index, region) in zone.memory_regions.iter().enumerate() {
+                let region_error = |source| SetupError::Region {
+                    zone_index,
+                    zone: zone.id,
+                    region: region_index,
+                    size: region.size,
+                    source,
+                };
+                let (file, offset) = match &shared_file {
+                    Some(file) => {
+                        let offset = shared_len;
+                        shared_len = region
+                            .size
+                            .checked_next_multiple_of(4096)
+                            .and_then(|size| offset.checked_add(size))
+                            .ok_or_else(|| region_error(io::ErrorKind::FileTooLarge.into()))?;
+                        file.set_len(shared_len).map_err(|error| {
+                            region_error(io::Error::other(format!(
+                                "the shared file of {shared_len:#x} bytes: {error}"
+                            )))
+                        })?;
+                        (file.clone(), offset)
+                    }
+                    None => {
+                        let file = memfd(c"hvisor-zone-ram", region.size).map_err(region_error)?;
+                        (Arc::new(file), 0)
+                    }
+                };
+                let size = usize::try_from(region.size)
+                    .map_err(|_| region_error(io::ErrorKind::FileTooLarge.into()))?;
+                regions.push(
+                    GuestRegionMmap::from_range(
+                        GuestAddress(region.zonex_ipa),
+                        size,
+                        Some(FileOffset::from_arc(file.clone(), offset)),
+                    )
+                    .map_err(|error| region_error(io::Error::other(error)))?,
+                );
                 windows.push((
                     RamWindow {
                         zone: zone.id,
                         zone0_ipa: region.zone0_ipa,
                         size: region.size,
                         fd: 0,
-                        offset: 0,
+                        offset,
                     },
                     file,
                 ));
             }
-            let memory =
-                GuestMemoryMmap::from_ranges_with_files(ranges).map_err(io::Error::other)?;
+            let memory = GuestMemoryMmap::from_regions(regions)
+                .map_err(|error| SetupError::Setup(io::Error::other(error)))?;
             let devices = zone
                 .devices
                 .iter()
@@ -138,17 +222,18 @@ impl Simulator {
                 devices,
             });
         }
+        let wakeup = EventFd::new(EFD_NONBLOCK).map_err(SetupError::Setup)?;
         Ok(Arc::new(Simulator {
             bridge_file,
             bridge,
             zones,
-            wakeup: EventFd::new(EFD_NONBLOCK)?,
+            wakeup,
             request_lock: Mutex::new(0),
             interrupts: Mutex::new(VecDeque::new()),
             interrupt_arrived: Condvar::new(),
             result_thread: Mutex::new(None),
             connection: Mutex::new(None),
-            posted_notify,
+            posted_notify: options.posted_notify,
             stats: SimulatorStats::default(),
             detached: AtomicBool::new(false),
         }))
@@ -178,11 +263,15 @@ impl Simulator {
         let mut windows = Vec::new();
         for zone in &self.zones {
             for (window, file) in &zone.windows {
+                let fd = file.as_raw_fd();
+                let position = fds.iter().position(|&sent| sent == fd).unwrap_or_else(|| {
+                    fds.push(fd);
+                    fds.len() - 1
+                });
                 windows.push(RamWindow {
-                    fd: fds.len(),
+                    fd: position,
                     ..window.clone()
                 });
-                fds.push(file.as_raw_fd());
             }
         }
         handoff::send(&stream, &HypervisorHello::new(0, 1, windows), &fds)?;

@@ -37,9 +37,14 @@ impl Daemon {
         }
     }
 
+    /// The process id, for reading `/proc/PID` or changing its limits.
+    pub fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t")
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
     pub fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        let pid = self.pid();
         // SAFETY: kill has no memory-safety preconditions. The child is not
         // reaped before `wait_exit` or drop, so the pid is still ours.
         let result = unsafe { libc::kill(pid, signal) };
@@ -89,6 +94,23 @@ impl Daemon {
     /// Everything the daemon has written so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<log unreadable: {e}>"))
+    }
+}
+
+/// A start-up failure as the README promises it: exit status 1 (not a signal), and one error
+/// line, the last of the log, containing every one of `parts`.
+pub fn assert_one_error(status: ExitStatus, log: &str, parts: &[&str]) {
+    let context = format!("status {status}, log:\n{log}");
+    assert_eq!(status.code(), Some(1), "{context}");
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" ERROR ") || line.contains(" WARN "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected; {context}");
+    assert!(errors[0].contains(" ERROR "), "{context}");
+    assert_eq!(log.lines().last(), Some(errors[0]), "{context}");
+    for part in parts {
+        assert!(errors[0].contains(part), "{part:?} missing; {context}");
     }
 }
 

@@ -18,12 +18,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hvisor_vhost::hvisor::config::VirtioConfig;
+use hvisor_vhost::hvisor::devices;
 use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest};
-use hvisor_vhost::hvisor::handoff::{self, DaemonReply, HypervisorHello};
+use hvisor_vhost::hvisor::handoff::{self, DaemonReply};
 use hvisor_vhost::hvisor::mmio::reg;
 use hvisor_vhost::hvisor::port::SocketPort;
 use hvisor_vhost::hvisor::server::{Server, ServerError};
-use hvisor_vhost::hvisor::simulator::Simulator;
+use hvisor_vhost::hvisor::simulator::{SimOptions, Simulator};
 use hvisor_vhost::vhost_user::StopSignal;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -82,6 +83,8 @@ pub struct RigOptions {
     pub other_devices: Vec<DeviceSpec>,
     /// Routes FINISH_REQ through a [`ResultGate`] the test can pause.
     pub gated_results: bool,
+    /// The simulator puts every RAM window into one file (see [`SimOptions`]).
+    pub shared_ram_file: bool,
     pub poll: Duration,
 }
 
@@ -91,6 +94,7 @@ impl RigOptions {
             devices: devices.to_vec(),
             other_devices: Vec::new(),
             gated_results: false,
+            shared_ram_file: false,
             poll: hvisor_vhost::hvisor::server::DEFAULT_POLL,
         }
     }
@@ -180,7 +184,15 @@ impl Rig {
             Path::new("test.json"),
         )
         .expect("the test configuration is valid");
-        let sim = Simulator::new(&config, true).expect("simulator");
+        let devices = devices::open_all(&config).expect("opening the devices");
+        let sim = Simulator::new(
+            &config,
+            SimOptions {
+                shared_ram_file: options.shared_ram_file,
+                ..SimOptions::default()
+            },
+        )
+        .expect("simulator");
         let (sim_end, daemon_end) = timed_pair();
         // Gated: the simulator talks to the gate, and the gate to the daemon.
         let (sim_end, gate) = if options.gated_results {
@@ -193,9 +205,11 @@ impl Rig {
             let sim = sim.clone();
             thread::spawn(move || sim.attach(sim_end))
         };
-        let port = SocketPort::attach(daemon_end, Path::new("pair")).expect("daemon hand-off");
+        let port =
+            SocketPort::attach(daemon_end, Path::new("pair"), &config).expect("daemon hand-off");
         join_within(attaching, "the simulator's hand-off").expect("simulator hand-off");
-        let server = Server::new(&config, Arc::new(port), options.poll).expect("daemon start");
+        let server =
+            Server::new(&config, devices, Arc::new(port), options.poll).expect("daemon start");
         let stop = StopSignal::new().expect("stop signal");
         let server = {
             let stop = stop.clone();
@@ -378,7 +392,7 @@ fn spawn_gate(
 ) -> (mpsc::Receiver<Arc<ResultGate>>, JoinHandle<io::Result<()>>) {
     let (sender, receiver) = mpsc::channel();
     let relay = thread::spawn(move || {
-        let (hello, files): (HypervisorHello, Vec<Option<File>>) = handoff::receive(&simulator)?;
+        let (hello, files): (serde_json::Value, Vec<Option<File>>) = handoff::receive(&simulator)?;
         let fds: Vec<RawFd> = files.iter().flatten().map(AsRawFd::as_raw_fd).collect();
         handoff::send(&daemon, &hello, &fds)?;
         let (reply, mut files): (DaemonReply, Vec<Option<File>>) = handoff::receive(&daemon)?;

@@ -4,5 +4,6 @@
 
 pub mod daemon;
 pub mod frontend;
+pub mod handoff;
 pub mod hvisor;
 pub mod stress;

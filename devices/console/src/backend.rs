@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::RawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -470,6 +471,32 @@ impl Console {
     }
 }
 
+/// Opens the output log for appending, without ever blocking: a FIFO no process reads is
+/// refused at once (opening it for writing would wait for a reader), and writes to a FIFO whose
+/// reader falls behind fail instead of stalling the console, which loses part of the copy rather
+/// than the guest's progress.
+fn open_output_log(path: &Path) -> Result<File, ConsoleError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| {
+            let source = if source.raw_os_error() == Some(libc::ENXIO) {
+                io::Error::new(
+                    source.kind(),
+                    "it is a FIFO that no process has open for reading",
+                )
+            } else {
+                source
+            };
+            ConsoleError::OutputLog {
+                path: path.to_owned(),
+                source,
+            }
+        })
+}
+
 /// A virtio console with one port.
 pub struct ConsoleBackend {
     console: Mutex<Console>,
@@ -494,18 +521,7 @@ impl ConsoleBackend {
         endpoint: Endpoint,
         output_log: Option<&Path>,
     ) -> Result<Self, ConsoleError> {
-        let output_log = output_log
-            .map(|path| {
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| ConsoleError::OutputLog {
-                        path: path.to_owned(),
-                        source,
-                    })
-            })
-            .transpose()?;
+        let output_log = output_log.map(open_output_log).transpose()?;
         Ok(ConsoleBackend {
             has_size: endpoint.size().is_some(),
             pty_path: endpoint.pty_path().map(Path::to_owned),
