@@ -55,7 +55,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let settings = Serve::<NetConfig>::try_from(args)?;
             let backend = NetBackend::new(&settings.device).map_err(boxed)?;
             info!("net: TAP {}, MAC {}", settings.device.tap, backend.mac());
-            serve_on_socket("vhost-user-net", Arc::new(backend), &settings.socket, || {})
+            serve_on_socket("vhost-user-net", Arc::new(backend), &settings.socket, || {}).map(drop)
         }
         Command::Console(args) => {
             let settings = Serve::<ConsoleConfig>::try_from(args)?;
@@ -70,11 +70,12 @@ pub fn run(cli: Cli) -> Result<(), Error> {
                 &settings.socket,
                 || {},
             )
+            .map(drop)
         }
         Command::Rng(args) => {
             let settings = Serve::<RngConfig>::try_from(args)?;
             let backend = RngBackend::new(&settings.device).map_err(boxed)?;
-            serve_on_socket("vhost-user-rng", Arc::new(backend), &settings.socket, || {})
+            serve_on_socket("vhost-user-rng", Arc::new(backend), &settings.socket, || {}).map(drop)
         }
         Command::Hvisor(args) => serve_hvisor(args),
         Command::Simulate(args) => simulate(args),
@@ -93,13 +94,14 @@ fn boxed(error: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Device(Box::new(error))
 }
 
-/// Serves `backend` on `socket` until SIGINT or SIGTERM.
+/// Serves `backend` on `socket` until SIGINT or SIGTERM; returns the stop signal, which still
+/// bounds what the caller does before exiting.
 fn serve_on_socket<B>(
     name: &str,
     backend: B,
     socket: &SocketPath,
     after_disconnect: impl FnMut(),
-) -> Result<(), Error>
+) -> Result<Arc<StopSignal>, Error>
 where
     B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
     B::Vring: Clone + Send + Sync,
@@ -108,7 +110,7 @@ where
     vhost_user::stop_on_termination_signals(stop.clone()).map_err(Error::Signals)?;
     vhost_user::serve(name, backend, socket.path(), &stop, after_disconnect)?;
     info!("stopped");
-    Ok(())
+    Ok(stop)
 }
 
 /// Serves a block device over vhost-user until SIGINT or SIGTERM, then flushes it.
@@ -131,12 +133,13 @@ pub fn serve_blk(settings: BlkServe) -> Result<(), Error> {
         let backend = backend.clone();
         move || flush_disk(&backend)
     };
-    serve_on_socket(
+    let stop = serve_on_socket(
         "vhost-user-blk",
         backend.clone(),
         &settings.socket,
         after_disconnect,
     )?;
+    stop.set_waiting_for("the final disk flush");
     flush_disk(&backend);
     Ok(())
 }
@@ -175,6 +178,7 @@ pub fn serve_hvisor(args: HvisorArgs) -> Result<(), Error> {
     let poll = std::time::Duration::from_micros(args.poll_us);
     let mut server = hvisor::server::Server::new(&config, devices, port, poll)?;
     server.run(&stop)?;
+    stop.set_waiting_for("the device workers to finish their batches");
     drop(server);
     info!("stopped");
     Ok(())

@@ -1,7 +1,7 @@
 //! The process's logger: env_logger (RUST_LOG works as usual) with every call site held to
 //! [`LINES_PER_SECOND`] lines a second, whoever logs there — our code or a rust-vmm crate a
-//! guest or frontend can make log at will (virtio-queue logs a bad avail index at ERROR on
-//! every kick). What a site logs beyond that is counted and reported once its second is over
+//! guest or frontend can make log at will (virtio-queue logs an avail entry it cannot read at
+//! ERROR each time it meets one). What a site logs beyond that is counted and reported once its second is over
 //! as "N similar lines suppressed", so log volume is bounded whatever a guest or frontend does.
 
 use std::collections::HashMap;

@@ -1,5 +1,6 @@
 //! The vhost-user transport: serve any device backend to one frontend at a time, on one socket,
-//! across frontend reconnects, until a stop is requested.
+//! across frontend reconnects, until a stop is requested; and the termination-signal handling
+//! both transports share, which bounds how long a stop may take.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -7,12 +8,13 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use crate::frontend_relay;
 use crate::memory_backing::FaultWatch;
 use hvisor_vhost_device::exit::WorkerExitEvents;
+use hvisor_vhost_device::queue::QueueFault;
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
@@ -35,12 +37,24 @@ pub enum ServeError {
     Poll { path: PathBuf, source: io::Error },
 }
 
+/// How long a stop may take once a termination signal asked for it: long enough to finish
+/// in-flight requests and flush a disk, short enough that a stuck worker cannot keep the
+/// process (and its socket, its TAP, its images) alive.
+pub const STOP_BOUND: Duration = Duration::from_secs(5);
+/// Exit status of a process whose stop did not finish within [`STOP_BOUND`] (EX_SOFTWARE).
+pub const STOP_TIMED_OUT_STATUS: i32 = 70;
+/// How long the report of an unfinished stop may take to be logged before the process exits
+/// without it (a stderr nobody drains blocks the logger).
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
 /// Asks a serving loop to stop: wakes it while it waits for a frontend, and closes the
 /// connection of the frontend it serves.
 pub struct StopSignal {
     requested: AtomicBool,
     wake: EventFd,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The step the serving code is in, for the report of a stop that does not finish.
+    waiting_for: Mutex<&'static str>,
 }
 
 impl StopSignal {
@@ -49,7 +63,26 @@ impl StopSignal {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             connection: Mutex::new(None),
+            waiting_for: Mutex::new("the serving loop to notice the stop"),
         }))
+    }
+
+    /// Records what a stop would wait for from now on (e.g. "the queue workers to finish
+    /// their batches").
+    pub fn set_waiting_for(&self, what: &'static str) {
+        *self
+            .waiting_for
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = what;
+    }
+
+    /// What the stop waits for; never blocks (the lock is only held for an assignment).
+    fn waiting_for(&self) -> &'static str {
+        match self.waiting_for.try_lock() {
+            Ok(what) => *what,
+            Err(TryLockError::Poisoned(poisoned)) => *poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => "(being updated)",
+        }
     }
 
     pub fn request(&self) {
@@ -91,19 +124,103 @@ impl StopSignal {
     }
 }
 
-/// Stops `stop` on the first SIGINT or SIGTERM.
+/// Stops `stop` on the first SIGINT or SIGTERM, and bounds the stop: a process still running
+/// [`STOP_BOUND`] later, or when a second signal comes, logs what the stop waits for and
+/// exits with [`STOP_TIMED_OUT_STATUS`] whatever its threads are doing.
+///
+/// No final flush is attempted then: writes the device completed are in the page cache and
+/// survive the process, every flush a driver asked for was answered only once done, and a
+/// worker that does not finish is most likely stuck on the storage itself, where a flush from
+/// here would block the exit this bound guarantees.
 pub fn stop_on_termination_signals(stop: Arc<StopSignal>) -> io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                info!("signal {signal} received: finishing in-flight requests and stopping");
-                stop.request();
+            let mut signals = signals.forever();
+            let Some(signal) = signals.next() else {
+                return;
+            };
+            info!("signal {signal} received: finishing in-flight requests and stopping");
+            stop.request();
+            let watchdog = {
+                let stop = stop.clone();
+                std::thread::Builder::new()
+                    .name("stop-watchdog".into())
+                    .spawn(move || {
+                        std::thread::sleep(STOP_BOUND);
+                        exit_unfinished(&stop, &format!("not stopped within {STOP_BOUND:?}"));
+                    })
+            };
+            if let Err(error) = watchdog {
+                warn!("the stop is not bounded: cannot start its watchdog: {error}");
+            }
+            if let Some(signal) = signals.next() {
+                exit_unfinished(&stop, &format!("signal {signal} received again"));
             }
         })?;
     Ok(())
+}
+
+/// Ends the process with [`STOP_TIMED_OUT_STATUS`], after logging `why`, what the stop waits
+/// for and the state of every thread. Takes no lock a stuck thread may hold: a timer ends the
+/// process anyway if logging blocks.
+fn exit_unfinished(stop: &StopSignal, why: &str) -> ! {
+    let timer = std::thread::Builder::new()
+        .name("exit-timer".into())
+        .spawn(|| {
+            std::thread::sleep(REPORT_GRACE);
+            exit_now()
+        });
+    // Without the timer, a blocked logger would hold the exit: the report is left out.
+    if timer.is_ok() {
+        error!(
+            "{why}: exiting with status {STOP_TIMED_OUT_STATUS}; the stop waits for {}; \
+             threads: {}",
+            stop.waiting_for(),
+            thread_states()
+        );
+    }
+    exit_now()
+}
+
+fn exit_now() -> ! {
+    // SAFETY: _exit has no preconditions; it ends the process without running destructors or
+    // atexit handlers, which could wait for locks the stuck threads hold.
+    unsafe { libc::_exit(STOP_TIMED_OUT_STATUS) }
+}
+
+/// Every thread of this process as `name[tid] state wait-channel`, from /proc (no lock of ours
+/// is taken): shows which worker is stuck and where.
+fn thread_states() -> String {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return "(unreadable)".into();
+    };
+    let read = |task: &Path, file: &str| {
+        std::fs::read_to_string(task.join(file)).unwrap_or_else(|_| "?".into())
+    };
+    let mut states: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let path = task.path();
+            let stat = read(&path, "stat");
+            // The state follows the parenthesised name, which may itself hold spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_owned();
+            format!(
+                "{}[{}] {state} {}",
+                read(&path, "comm").trim_end(),
+                task.file_name().to_string_lossy(),
+                read(&path, "wchan").trim_end()
+            )
+        })
+        .collect();
+    states.sort();
+    states.join(", ")
 }
 
 /// A vhost-user-backend worker's epoll set, offered to the device.
@@ -321,6 +438,7 @@ where
         }
     };
     info!("{name}: frontend connected");
+    stop.set_waiting_for("the frontend connection to end");
     stop.set_connection(connection.daemon.shutdown_handle());
     match connection.daemon.wait() {
         Ok(()) => info!("{name}: frontend disconnected"),
@@ -334,6 +452,7 @@ where
         warn!("{name}: the frontend relay panicked");
     }
     // Sends each worker its exit event and joins it once its current batch is complete.
+    stop.set_waiting_for("the queue workers to finish their batches");
     drop(connection);
     // The device keeps the memory it was last given. Let it go, or the departed frontend's
     // guest RAM would stay allocated through our mapping until the next frontend's table.
@@ -351,6 +470,13 @@ where
 /// and the loop goes on, pausing longer after each failure in a row; one that cannot be
 /// accepted waits in the listen queue meanwhile. On return the worker threads have finished
 /// their in-flight requests and the socket file is removed.
+///
+/// A queue the device stopped because the frontend broke its ring stays stopped until the
+/// frontend starts it again (GET_VRING_BASE, then SET_VRING_KICK or SET_VRING_CALL, as on a
+/// device reset or a reconnect); the connection is kept. Dropping it would stop the device's
+/// other queues too and tell the frontend nothing more (vhost-user has no DEVICE_NEEDS_RESET),
+/// and a frontend that reconnects (QEMU's `reconnect`) resumes from the same ring state, so
+/// it would find the same fault and loop through reconnects.
 pub fn serve<B>(
     name: &str,
     backend: B,
@@ -366,6 +492,14 @@ where
         path: socket_path.to_owned(),
         source,
     })?;
+    let fault_name = name.to_owned();
+    backend.set_fault_handler(Arc::new(move |fault: &QueueFault| {
+        warn!(
+            "{fault_name}: queue {} stays stopped until the frontend starts it again; the \
+             connection and the other queues go on",
+            fault.queue
+        )
+    }));
     info!("{name}: listening on {}", socket_path.display());
     let mut backoff = Backoff::new();
     let result = loop {
@@ -383,7 +517,9 @@ where
             Ok(served) => {
                 backoff.reset();
                 if served {
+                    stop.set_waiting_for("the clean-up after the frontend left (a disk flush)");
                     after_disconnect();
+                    stop.set_waiting_for("the serving loop to notice the stop");
                 }
             }
             Err(error) => {

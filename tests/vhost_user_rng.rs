@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hvisor_vhost_rng::backend::{MAX_REQUEST_BYTES, QUEUE_SIZE};
@@ -20,16 +19,7 @@ const REQUESTQ: usize = 0;
 /// Starts `hvisor-vhost rng` with `args` in `dir` and connects a driver with `mem_size` bytes
 /// of guest RAM.
 fn start(dir: &Path, args: &[&str], mem_size: u64) -> (Daemon, VhostUserDriver) {
-    let socket = dir.join("rng.sock");
-    let mut command = Command::new(BINARY);
-    command
-        .arg("rng")
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
-    daemon.wait_for_path(&socket, TIMEOUT);
+    let (daemon, socket) = Daemon::serve(BINARY, "rng", dir, args, TIMEOUT);
     let config = DriverConfig {
         queue_size: QUEUE_SIZE,
         mem_size,
@@ -103,6 +93,61 @@ fn a_source_file_fills_buffers_with_its_bytes_in_order() {
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit(TIMEOUT).expect("daemon exits");
     assert!(status.success(), "exit status {status}");
+}
+
+/// Issue 12 item 13 over a real connection: a frontend moves the avail index a ring and 8
+/// entries ahead and kicks, then leaves. The worker used to spin on it for good, so the
+/// next frontend was never served and SIGTERM was ignored. Now the queue is stopped and
+/// reported, the next frontend is served, and SIGTERM ends the daemon at once.
+#[test]
+fn a_broken_ring_stops_its_queue_and_the_daemon_serves_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut daemon, socket) = Daemon::serve(BINARY, "rng", dir.path(), &[], TIMEOUT);
+    let config = DriverConfig {
+        queue_size: QUEUE_SIZE,
+        event_idx: true,
+        ..DriverConfig::default()
+    };
+    let mut driver = VhostUserDriver::connect(&socket, &config).expect("connect");
+    assert_eq!(request(&mut driver, &[64]).len(), 64);
+    driver
+        .break_avail_idx(REQUESTQ, QUEUE_SIZE + 8)
+        .expect("break the ring");
+    driver.kick(REQUESTQ).expect("kick");
+    // Leaving before the device saw the kick would prove nothing; the log is checked at the
+    // end (a daemon stuck on the ring fails the checks below first).
+    let policy = "stays stopped until the frontend starts it again";
+    let deadline = Instant::now() + TIMEOUT;
+    while !daemon.log().contains(policy) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    driver.disconnect();
+
+    // Bounded, as a daemon still stuck on the old connection never answers.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let served = VhostUserDriver::connect(&socket, &config)
+            .map(|mut next| request(&mut next, &[64]).len());
+        let _ = sender.send(served.map_err(|error| error.to_string()));
+    });
+    let served = receiver
+        .recv_timeout(TIMEOUT)
+        .expect("the next frontend is served");
+    assert_eq!(served, Ok(64));
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(2))
+        .expect("SIGTERM ends the daemon");
+    assert!(status.success(), "exit status {status}");
+    let log = daemon.log();
+    let fault = format!(
+        "avail index {} is {} entries ahead",
+        1 + QUEUE_SIZE + 8,
+        QUEUE_SIZE + 8
+    );
+    assert_eq!(log.matches(&fault).count(), 1, "{log}");
+    assert_eq!(log.matches(policy).count(), 1, "{log}");
 }
 
 #[test]

@@ -114,23 +114,36 @@ impl LineState {
     }
 }
 
-/// One device's interrupt line into its zone, with the call eventfds its queues signal.
+/// One device's interrupt line into its zone, with the eventfds that ask for its interrupts.
 pub struct InterruptLine {
     zone: u32,
     irq: u32,
     injector: Arc<Injector>,
-    /// One per queue, written by the device when it used buffers; read only under `state`.
-    calls: Vec<EventFd>,
+    /// Each with the InterruptStatus bit it sets: one call eventfd per queue (INT_VRING),
+    /// written by the device when it used buffers, then the configuration-change eventfd
+    /// (INT_CONFIG). Read only under `state`.
+    signals: Vec<(EventFd, u32)>,
     state: Mutex<LineState>,
 }
 
 impl InterruptLine {
-    pub fn new(zone: u32, irq: u32, injector: Arc<Injector>, calls: Vec<EventFd>) -> Self {
+    pub fn new(
+        zone: u32,
+        irq: u32,
+        injector: Arc<Injector>,
+        calls: Vec<EventFd>,
+        config_change: EventFd,
+    ) -> Self {
+        let signals = calls
+            .into_iter()
+            .map(|call| (call, INT_VRING))
+            .chain(std::iter::once((config_change, INT_CONFIG)))
+            .collect();
         InterruptLine {
             zone,
             irq,
             injector,
-            calls,
+            signals,
             state: Mutex::new(LineState::default()),
         }
     }
@@ -141,24 +154,20 @@ impl InterruptLine {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The call eventfd of each queue, for the thread that waits on them.
-    pub fn calls(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.calls.iter().map(AsRawFd::as_raw_fd)
+    /// The eventfds that ask for interrupts (each queue's call, then the configuration-change
+    /// one), for the thread that waits on them.
+    pub fn signals(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.signals.iter().map(|(signal, _)| signal.as_raw_fd())
     }
 
-    /// Sets `bits` in InterruptStatus and sends an interrupt unless one is outstanding.
-    pub fn raise(&self, bits: u32) {
-        let send = self.lock().raise(bits);
-        self.send(send);
-    }
-
-    /// Queue `queue` signalled its call eventfd: INT_VRING, if the signal is still pending.
-    /// Reading it under the lock is what lets a reset drop signals from before it.
-    pub fn queue_used_buffers(&self, queue: usize) {
+    /// Signal `index` of [`Self::signals`] fired: its InterruptStatus bit, if the signal is
+    /// still pending. Reading it under the lock is what lets a reset drop signals from before
+    /// it.
+    pub fn signalled(&self, index: usize) {
         let send = {
             let mut state = self.lock();
-            match self.calls.get(queue).map(EventFd::read) {
-                Some(Ok(_)) => state.raise(INT_VRING),
+            match self.signals.get(index) {
+                Some((signal, bit)) if signal.read().is_ok() => state.raise(*bit),
                 // Drained by a reset in the meantime.
                 _ => None,
             }
@@ -201,9 +210,9 @@ impl InterruptLine {
         // Waits out a push in progress, which then is in the ring before the reset completes.
         let _results = self.injector.lock_results();
         let mut state = self.lock();
-        for call in &self.calls {
+        for (signal, _) in &self.signals {
             // EAGAIN: nothing pending.
-            let _ = call.read();
+            let _ = signal.read();
         }
         state.status = 0;
         state.resets += 1;

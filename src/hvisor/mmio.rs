@@ -10,9 +10,14 @@
 //! QueueSel is bounds checked, queue sizes are validated, address halves are stored without
 //! OR-ing stale bits, config accesses are bounded and masked to their size, and config
 //! writes reach the device.
+//!
+//! A queue the device stopped because the driver broke its ring (an avail index more than the
+//! ring's size ahead) sets DEVICE_NEEDS_RESET in Status with one configuration-change
+//! interrupt (virtio 1.2, 2.1.2); the bit stays set until the driver resets the device.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,8 +25,8 @@ use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
@@ -30,6 +35,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use hvisor_vhost_device::log_limit::LogLimiter;
+use hvisor_vhost_device::queue::{FaultHandler, QueueFault};
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 
 use super::interrupt::{Injector, InterruptLine};
@@ -126,6 +132,8 @@ where
     queue_sel: u32,
     queues: Vec<QueueRegisters>,
     status: u32,
+    /// DEVICE_NEEDS_RESET, set from a worker thread by [`needs_reset_on_fault`].
+    needs_reset: Arc<AtomicBool>,
     config_generation: u32,
     mistakes: GuestMistakes,
 }
@@ -146,6 +154,32 @@ impl GuestMistakes {
             status: limiter(),
         }
     }
+}
+
+/// Sets DEVICE_NEEDS_RESET and signals a configuration change (INT_CONFIG, through the
+/// interrupt thread, so the worker never waits for room in the result ring) on the first fault
+/// since the last reset.
+///
+/// Runs on the queue's worker, inside its batch: a reset waits for that batch (`stop_vring`)
+/// before it clears the bit and drains the signal with the line's others, so no stale
+/// configuration-change interrupt follows the reset.
+fn needs_reset_on_fault(
+    name: String,
+    needs_reset: Arc<AtomicBool>,
+    config_change: EventFd,
+) -> FaultHandler {
+    Arc::new(move |fault: &QueueFault| {
+        // Relaxed: the driver learns of the bit through INT_CONFIG, which the interrupt thread
+        // raises only after reading the eventfd written below (the kernel orders the two), and
+        // the line's lock orders INT_CONFIG before the driver's Status read.
+        if needs_reset.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        warn!("{name}: {fault}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
+        if let Err(error) = config_change.write(1) {
+            error!("{name}: cannot signal the configuration change: {error}");
+        }
+    })
 }
 
 impl<B> MmioDevice<B>
@@ -178,6 +212,13 @@ where
             kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
             calls.push(call);
         }
+        let needs_reset = Arc::new(AtomicBool::new(false));
+        let config_change = EventFd::new(EFD_NONBLOCK)?;
+        backend.set_fault_handler(needs_reset_on_fault(
+            name.clone(),
+            needs_reset.clone(),
+            config_change.try_clone()?,
+        ));
         let mut device = MmioDevice {
             name,
             device_id: backend.device_type(),
@@ -185,7 +226,13 @@ where
             memory,
             vrings,
             kicks,
-            line: Arc::new(InterruptLine::new(zone, irq, injector, calls)),
+            line: Arc::new(InterruptLine::new(
+                zone,
+                irq,
+                injector,
+                calls,
+                config_change,
+            )),
             workers: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -193,6 +240,7 @@ where
             queue_sel: 0,
             queues: vec![QueueRegisters::default(); num_queues],
             status: 0,
+            needs_reset,
             config_generation: 0,
             mistakes: GuestMistakes::new(),
         };
@@ -279,6 +327,8 @@ where
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set (a driver writing back what it read).
+        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let cleared = self.status & !value;
         if cleared != 0 {
             self.mistakes.status.warn(format_args!(
@@ -363,6 +413,8 @@ where
         }
         self.queues.fill(QueueRegisters::default());
         self.backend.reset_device();
+        // After the queues stopped: their workers, the only ones to set it, are done.
+        self.needs_reset.store(false, Ordering::Relaxed);
         self.line.reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -503,6 +555,9 @@ where
             reg::QUEUE_NUM => queue.map_or(0, |queue| u32::from(queue.num)),
             reg::QUEUE_READY => queue.map_or(0, |queue| u32::from(queue.ready)),
             reg::INTERRUPT_STATUS => self.line.status(),
+            reg::STATUS if self.needs_reset.load(Ordering::Relaxed) => {
+                self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+            }
             reg::STATUS => self.status,
             reg::QUEUE_DESC_LOW => queue.map_or(0, |queue| queue.desc as u32),
             reg::QUEUE_DESC_HIGH => queue.map_or(0, |queue| (queue.desc >> 32) as u32),

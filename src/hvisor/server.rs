@@ -336,16 +336,16 @@ impl Drop for Server {
 /// One thread turns every queue's call eventfd into INT_VRING on its device's line.
 fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
-    // Token = position in `sources`: a line and one of its queues.
+    // Token = position in `sources`: a line and one of its signals.
     let mut sources = Vec::new();
     for line in &lines {
-        for (queue, call) in line.calls().enumerate() {
+        for (index, signal) in line.signals().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
-                call,
+                signal,
                 EpollEvent::new(EventSet::IN, sources.len() as u64),
             )?;
-            sources.push((line.clone(), queue));
+            sources.push((line.clone(), index));
         }
     }
     let exit = EventFd::new(EFD_NONBLOCK)?;
@@ -373,8 +373,8 @@ fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd
                     if token == exit_token {
                         return;
                     }
-                    let (line, queue) = &sources[token as usize];
-                    line.queue_used_buffers(*queue);
+                    let (line, index) = &sources[token as usize];
+                    line.signalled(*index);
                 }
             }
         })?;

@@ -71,6 +71,28 @@ impl Daemon {
         }
     }
 
+    /// Starts `binary` serving `device` (e.g. `rng`) with `args` on `dir/DEVICE.sock`, logging
+    /// at info level to `dir/daemon.log`; returns once the socket exists (or within `timeout`).
+    pub fn serve(
+        binary: &str,
+        device: &str,
+        dir: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> (Daemon, PathBuf) {
+        let socket = dir.join(format!("{device}.sock"));
+        let mut command = Command::new(binary);
+        command
+            .arg(device)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
+        daemon.wait_for_path(&socket, timeout);
+        (daemon, socket)
+    }
+
     /// Waits up to `timeout` for `path` to exist (e.g. a socket the daemon
     /// binds once it is ready). Panics if the daemon exits or time runs out.
     pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {

@@ -886,6 +886,16 @@ impl VhostUserDriver {
         Ok(needed)
     }
 
+    /// Moves `avail->idx` of `queue` `ahead` entries past what the driver published, without
+    /// publishing anything: a broken or hostile driver.
+    pub fn break_avail_idx(&mut self, queue: usize, ahead: u16) -> Result<()> {
+        let q = self.queue(queue)?;
+        let idx = q.avail_idx.wrapping_add(ahead);
+        self.mem
+            .store(idx.to_le(), q.avail_idx_addr(), Ordering::Release)?;
+        Ok(())
+    }
+
     /// Kicks the device unconditionally.
     pub fn kick(&mut self, queue: usize) -> Result<()> {
         let q = self.queue_mut(queue)?;

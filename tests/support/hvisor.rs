@@ -659,9 +659,15 @@ fn capture_logs() {
 /// Whether a warning or error containing every one of `parts` was logged, by any test of
 /// this binary (tests run in parallel, so pick parts only one test can cause).
 pub fn logged(parts: &[&str]) -> bool {
+    logged_count(parts) > 0
+}
+
+/// How many warnings and errors containing every one of `parts` were logged, as [`logged`].
+pub fn logged_count(parts: &[&str]) -> usize {
     WARNINGS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .iter()
-        .any(|line| parts.iter().all(|part| line.contains(part)))
+        .filter(|line| parts.iter().all(|part| line.contains(part)))
+        .count()
 }

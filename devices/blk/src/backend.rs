@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -23,7 +22,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::queue::{has_available_buffers, queue_is_live};
+use hvisor_vhost_device::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
 use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig, IoEngine};
@@ -116,6 +115,7 @@ pub struct BlkBackend<S = FileStorage> {
     queue_size: u16,
     event_idx: AtomicBool,
     memory: GuestMemorySlot,
+    rings: Rings,
     /// Per-queue state. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
     workers: Vec<Mutex<QueueWorker>>,
@@ -164,6 +164,7 @@ impl<S: Storage> BlkBackend<S> {
             queue_size: config.queue_size,
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
+            rings: Rings::default(),
             workers: (0..config.num_queues).map(new_worker).collect(),
             poll_window: Duration::from_micros(u64::from(config.poll_us)),
         })
@@ -230,13 +231,12 @@ impl<S: Storage> BlkBackend<S> {
             }
             for done in worker.finished.drain(..) {
                 let used_len = complete(&mem, done.reply, done.status, done.written);
-                if let Err(error) = vring.add_used(done.reply.head, used_len) {
-                    warn!(
-                        "queue {queue_index}: cannot return descriptor {}: {error}",
-                        done.reply.head
-                    );
+                if self
+                    .rings
+                    .add_used(vring, queue_index as u16, done.reply.head, used_len)
+                {
+                    completed += 1;
                 }
-                completed += 1;
             }
             if completed > 0 {
                 worked = true;
@@ -287,9 +287,7 @@ impl<S: Storage> BlkBackend<S> {
         queue_index: usize,
     ) -> usize {
         let mut completed = 0;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else { break };
+        while let Some(chain) = self.rings.pop(vring, queue_index as u16, mem) {
             let head = chain.head_index();
             let Some(used_len) = process_chain(
                 &self.device,
@@ -300,11 +298,12 @@ impl<S: Storage> BlkBackend<S> {
             ) else {
                 continue;
             };
-            if let Err(error) = vring.add_used(head, used_len) {
-                warn!("queue {queue_index}: cannot return descriptor {head}: {error}");
-                break;
+            if self
+                .rings
+                .add_used(vring, queue_index as u16, head, used_len)
+            {
+                completed += 1;
             }
-            completed += 1;
         }
         completed
     }
@@ -332,6 +331,10 @@ impl<S: Storage> BlkBackend<S> {
 impl<S: Storage> VirtioDevice for BlkBackend<S> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.rings.set_fault_handler(handler);
     }
 }
 

@@ -5,8 +5,11 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
+use hvisor_vhost_device::VirtioDevice;
+use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
 use hvisor_vhost_device::testing::{
-    Buffer, UsedRing, mock_queue, mock_used_ring, raw, readable, writable,
+    Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
+    returns_within, set_avail_idx, writable,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
@@ -31,6 +34,8 @@ const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 const INDIRECT_TABLE: u64 = 0x4_0000;
 const STATUS_UNTOUCHED: u8 = 0xff;
+/// Bound of a kick that must return (a worker spinning on a broken ring fails the test).
+const KICK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Each queue's rings take a page of their own.
 fn queue_start(queue: u16) -> u64 {
@@ -42,7 +47,8 @@ struct Rig {
     /// Leaked so the rings below can borrow it for the whole test.
     mem: &'static GuestMemoryMmap,
     queues: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
-    backend: BlkBackend<FaultyStorage>,
+    /// Shared, so a kick can run on a thread of its own (see `kick_within_bound`).
+    backend: std::sync::Arc<BlkBackend<FaultyStorage>>,
     vrings: Vec<VringRwLock>,
     calls: Vec<EventFd>,
     /// The driver's side of each queue's kick descriptor.
@@ -77,7 +83,7 @@ impl Rig {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap(),
         ));
-        let backend = BlkBackend::with_storage(storage, &config).unwrap();
+        let backend = std::sync::Arc::new(BlkBackend::with_storage(storage, &config).unwrap());
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let mut vrings = Vec::new();
         let mut calls = Vec::new();
@@ -162,6 +168,17 @@ impl Rig {
         self.backend
             .handle_event(0, EventSet::IN, &self.vrings[queue..=queue], queue)
             .unwrap();
+    }
+
+    /// Kicks `queue` on a thread of its own, failing the test if the kick does not return.
+    fn kick_within_bound(&self, queue: usize) {
+        let backend = self.backend.clone();
+        let vrings = self.vrings[queue..=queue].to_vec();
+        returns_within("a kick", KICK_TIMEOUT, move || {
+            backend
+                .handle_event(0, EventSet::IN, &vrings, queue)
+                .unwrap()
+        });
     }
 
     fn used_ring(&self, queue: usize) -> UsedRing {
@@ -525,6 +542,21 @@ fn flush_get_id_and_unknown_types() {
 
     let (status, len) = rig.request(99, 0, &[readable(HEADER, 16), status_buffer()]);
     assert_eq!((status, len), (VIRTIO_BLK_S_UNSUPP as u8, 1));
+}
+
+/// An ID buffer the device may not write gets IOERR, as a read into one does, instead of OK
+/// with no ID delivered.
+#[test]
+fn get_id_into_a_device_readable_buffer_gets_ioerr() {
+    let mut rig = Rig::default(false);
+    rig.fill(DATA, 20, 0xaa);
+    let (status, len) = rig.request(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 20), status_buffer()],
+    );
+    assert_eq!((status, len), (ioerr(), 1));
+    assert_eq!(rig.bytes(DATA, 20), vec![0xaa; 20]);
 }
 
 fn range_segment(rig: &Rig, at: u64, sector: u64, sectors: u32, flags: u32) {
@@ -1048,4 +1080,91 @@ fn the_request_path_does_not_allocate_once_warm() {
         let allocations: u64 = (0..4).map(|_| serve_write_read_flush(&mut rig)).sum();
         assert_eq!(allocations, 0, "allocations while serving 12 requests");
     }
+}
+
+/// Two heads beyond the descriptor table ahead of a valid request, published with one kick:
+/// the bad heads are skipped and the request is served in the same kick, not the next one.
+fn bad_heads_do_not_hold_back_the_batch(mut rig: Rig) {
+    publish_heads(rig.rings(0), QUEUE_SIZE, &[QUEUE_SIZE, u16::MAX]);
+    rig.header(VIRTIO_BLK_T_OUT, 8);
+    rig.fill(DATA, 512, 0x5a);
+    let head = rig.add_chain(
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    rig.kick(0);
+    assert_eq!(
+        rig.used_idx(0),
+        1,
+        "the valid request waits for another kick"
+    );
+    assert_eq!(rig.used(0, 0), (u32::from(head), 1));
+    assert_eq!(rig.status(), ok());
+    assert_eq!(rig.disk(8 * 512, 512), vec![0x5a; 512]);
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_without_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(Rig::default(false));
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_with_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(Rig::default(true));
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_through_io_uring() {
+    bad_heads_do_not_hold_back_the_batch(Rig::uring(true));
+}
+
+/// An avail index more than a ring ahead of the device (a request is published, then the
+/// index jumps by the ring's size and 8 more): the kick returns, the queue is stopped and the
+/// transport hears of it once; once the transport readies the queue again, it serves.
+fn an_avail_index_beyond_the_ring_stops_the_queue(mut rig: Rig) {
+    let recorder = FaultRecorder::default();
+    rig.backend.set_fault_handler(recorder.handler());
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    rig.add_chain(
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
+    );
+    set_avail_idx(rig.rings(0), QUEUE_SIZE + 8);
+    rig.kick_within_bound(0);
+    let fault = QueueFault {
+        queue: 0,
+        fault: RingFault::AvailIndexBeyondRing {
+            avail_idx: QUEUE_SIZE + 8,
+            next_avail: 0,
+            size: QUEUE_SIZE,
+        },
+    };
+    assert_eq!(recorder.faults(), vec![fault]);
+    assert!(!queue_is_live(&rig.vrings[0]), "the queue was not stopped");
+    assert_eq!(rig.used_idx(0), 0);
+    assert_eq!(rig.status(), STATUS_UNTOUCHED);
+    rig.kick(0);
+    assert_eq!(recorder.faults().len(), 1, "the fault is reported once");
+
+    // The driver repairs its ring and the transport starts the queue again.
+    set_avail_idx(rig.rings(0), 1);
+    rig.vrings[0].set_queue_ready(true);
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 1);
+    assert_eq!(rig.status(), ok());
+}
+
+#[test]
+fn an_avail_index_beyond_the_ring_stops_the_queue_without_event_idx() {
+    an_avail_index_beyond_the_ring_stops_the_queue(Rig::default(false));
+}
+
+#[test]
+fn an_avail_index_beyond_the_ring_stops_the_queue_with_event_idx() {
+    an_avail_index_beyond_the_ring_stops_the_queue(Rig::default(true));
+}
+
+#[test]
+fn an_avail_index_beyond_the_ring_stops_the_queue_through_io_uring() {
+    an_avail_index_beyond_the_ring_stops_the_queue(Rig::uring(true));
 }

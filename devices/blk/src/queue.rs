@@ -293,6 +293,7 @@ fn run_request<S: Storage>(
         }
         VIRTIO_BLK_T_FLUSH => Ok(data_path.flush(device, reply).map(|status| (status, 0))),
         VIRTIO_BLK_T_GET_ID => {
+            require_empty("get-id", "device-readable", payload_len)?;
             let len = (writable_len as usize).min(SERIAL_LEN);
             write_stream(mem, writable, &device.id()[..len])?;
             Ok(Some((Status::Ok, written_len(len)?)))

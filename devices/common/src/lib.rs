@@ -1,12 +1,15 @@
 //! The little a transport needs from a device crate besides `VhostUserBackend`: the virtio
-//! device type, and a way for the device to watch its own file descriptors (a TAP, a PTY, a
-//! socket) from its queue worker threads, whichever transport runs those threads.
+//! device type, a way for the device to watch its own file descriptors (a TAP, a PTY, a
+//! socket) from its queue worker threads, whichever transport runs those threads, and a way to
+//! hear of queues the device stopped because the driver broke their rings.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
+
+use crate::queue::FaultHandler;
 
 /// Adds and removes a device's own descriptors in one worker thread's wait set.
 ///
@@ -33,6 +36,11 @@ pub trait VirtioDevice {
         let _ = (thread_id, registry);
         Ok(())
     }
+
+    /// Installs what the device calls when it stops a queue whose ring the driver broke (see
+    /// [`queue::Rings`]); the transport decides what the driver is told. Installed before the
+    /// driver can kick a queue; a later call replaces the handler.
+    fn set_fault_handler(&self, handler: FaultHandler);
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -46,6 +54,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
         registry: Arc<dyn EventRegistry>,
     ) -> io::Result<()> {
         (**self).attach_event_registry(thread_id, registry)
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        (**self).set_fault_handler(handler)
     }
 }
 

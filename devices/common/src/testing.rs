@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
@@ -15,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::EventRegistry;
+use crate::queue::{FaultHandler, QueueFault};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -75,6 +78,26 @@ pub fn mock_queue(
         event_idx,
     );
     (rings, vring, call)
+}
+
+/// Publishes `heads` as they are in the avail ring of a [`mock_queue`] of `size` entries,
+/// without writing descriptors: a driver naming heads the table may not have.
+pub fn publish_heads(rings: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, heads: &[u16]) {
+    let avail = rings.avail();
+    for &head in heads {
+        let idx = avail.idx().load();
+        avail
+            .ring()
+            .ref_at(usize::from(idx % size))
+            .unwrap()
+            .store(head);
+        avail.idx().store(idx.wrapping_add(1));
+    }
+}
+
+/// Moves the avail index of a [`mock_queue`] to `idx`, as a driver breaking its ring may.
+pub fn set_avail_idx(rings: &MockSplitQueue<'_, GuestMemoryMmap>, idx: u16) {
+    rings.avail().idx().store(idx);
 }
 
 /// The device's used ring of the [`mock_queue`] at `start`.
@@ -348,6 +371,61 @@ impl TestQueue {
     /// How many times the device signalled since the last call.
     pub fn signals(&self) -> u64 {
         self.call.read().unwrap_or(0)
+    }
+
+    /// Publishes `heads` as they are, without descriptors: a driver naming heads the table may
+    /// not have.
+    pub fn add_heads(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = self
+                .avail_ring
+                .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
+            self.memory.write_obj(head, slot).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.set_avail_idx(self.avail_idx);
+    }
+
+    /// Moves the avail index to `idx`, as a driver breaking its ring may.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.memory
+            .write_obj(idx, self.avail_ring.unchecked_add(2))
+            .unwrap();
+    }
+}
+
+/// The faults a device reported, as its transport's [`FaultHandler`] saw them.
+#[derive(Clone, Default)]
+pub struct FaultRecorder(Arc<Mutex<Vec<QueueFault>>>);
+
+impl FaultRecorder {
+    pub fn handler(&self) -> FaultHandler {
+        let faults = self.0.clone();
+        Arc::new(move |fault: &QueueFault| faults.lock().unwrap().push(fault.clone()))
+    }
+
+    pub fn faults(&self) -> Vec<QueueFault> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Runs `work` on a thread of its own and returns its result; panics naming `what` if it does
+/// not return within `timeout`, so a worker that spins fails its test instead of hanging it
+/// (the spinning thread is left behind until the test binary exits).
+pub fn returns_within<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    match receiver.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(RecvTimeoutError::Timeout) => panic!("{what} did not return within {timeout:?}"),
+        Err(RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
     }
 }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap, Le16, Le32};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -24,7 +23,9 @@ use hvisor_vhost_device::chain::{Direction, Segment, collect_segments, read_stre
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{QueueState, has_available_buffers, queue_is_live, serve_queue};
+use hvisor_vhost_device::queue::{
+    FaultHandler, QueueState, Rings, has_available_buffers, queue_is_live, serve_queue,
+};
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_CONSOLE, VirtioDevice};
 
 use crate::config::{BackendConfig, ConsoleConfig};
@@ -99,6 +100,7 @@ struct Console {
     input_open: bool,
     segments: Vec<Segment>,
     chunk: Vec<u8>,
+    rings: Rings,
 }
 
 impl Console {
@@ -244,15 +246,15 @@ impl Console {
                     self.pending_tx = Some(pending);
                     return Ok((completed, QueueState::Blocked));
                 }
-                pending
-                    .vring
-                    .add_used(pending.head, 0)
-                    .map_err(io::Error::other)?;
-                completed += 1;
+                if self
+                    .rings
+                    .add_used(&pending.vring, TRANSMITQ, pending.head, 0)
+                {
+                    completed += 1;
+                }
                 continue;
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
+            let Some(chain) = self.rings.pop(vring, TRANSMITQ, mem) else {
                 return Ok((completed, QueueState::Drained));
             };
             let head = chain.head_index();
@@ -272,8 +274,9 @@ impl Console {
                     GUEST_MISTAKES.warn(format_args!(
                         "transmitq: chain at descriptor {head} returned unused: {error}"
                     ));
-                    vring.add_used(head, 0).map_err(io::Error::other)?;
-                    completed += 1;
+                    if self.rings.add_used(vring, TRANSMITQ, head, 0) {
+                        completed += 1;
+                    }
                 }
             }
         }
@@ -326,8 +329,7 @@ impl Console {
                     return Ok((completed, QueueState::Blocked));
                 }
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
+            let Some(chain) = self.rings.pop(vring, RECEIVEQ, mem) else {
                 return Ok((completed, QueueState::Drained));
             };
             let head = chain.head_index();
@@ -355,8 +357,9 @@ impl Console {
                         0
                     }
                 };
-            vring.add_used(head, used_len).map_err(io::Error::other)?;
-            completed += 1;
+            if self.rings.add_used(vring, RECEIVEQ, head, used_len) {
+                completed += 1;
+            }
         }
     }
 
@@ -538,6 +541,7 @@ impl ConsoleBackend {
                 input_open: true,
                 segments: Vec::new(),
                 chunk: vec![0; CHUNK],
+                rings: Rings::default(),
             }),
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
@@ -573,6 +577,10 @@ impl ConsoleBackend {
 impl VirtioDevice for ConsoleBackend {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.console().rings.set_fault_handler(handler);
     }
 
     fn attach_event_registry(
@@ -672,14 +680,13 @@ impl VhostUserBackend for ConsoleBackend {
                 )),
             }
         }
-        pending
-            .vring
-            .add_used(pending.head, 0)
-            .map_err(io::Error::other)?;
-        if pending
-            .vring
-            .needs_notification()
-            .map_err(io::Error::other)?
+        if console
+            .rings
+            .add_used(&pending.vring, TRANSMITQ, pending.head, 0)
+            && pending
+                .vring
+                .needs_notification()
+                .map_err(io::Error::other)?
         {
             pending.vring.signal_used_queue()?;
         }

@@ -8,7 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost_device::testing::{EpollRegistry, TestMemory, TestQueue, readable, writable};
+use hvisor_vhost_device::queue::{QueueFault, RingFault};
+use hvisor_vhost_device::testing::{
+    EpollRegistry, FaultRecorder, TestMemory, TestQueue, readable, returns_within, writable,
+};
 use hvisor_vhost_device::{VIRTIO_ID_CONSOLE, VirtioDevice};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::VhostUserBackend;
@@ -28,7 +31,8 @@ struct Rig {
     memory: TestMemory,
     rx: TestQueue,
     tx: TestQueue,
-    backend: ConsoleBackend,
+    /// Shared, so an event can run on a thread of its own (see `event_within_bound`).
+    backend: Arc<ConsoleBackend>,
     registry: Arc<EpollRegistry>,
 }
 
@@ -37,7 +41,7 @@ impl Rig {
         let memory = TestMemory::new(MEMORY_SIZE as usize);
         let rx = TestQueue::new(&memory, 0, 16, event_idx);
         let tx = TestQueue::new(&memory, 0x1000, 16, event_idx);
-        let backend = ConsoleBackend::with_endpoint(endpoint, output_log).unwrap();
+        let backend = Arc::new(ConsoleBackend::with_endpoint(endpoint, output_log).unwrap());
         let registry = Arc::new(EpollRegistry::default());
         backend.attach_event_registry(0, registry.clone()).unwrap();
         backend.update_memory(memory.atomic.clone()).unwrap();
@@ -64,6 +68,17 @@ impl Rig {
         self.backend
             .handle_event(event, EventSet::IN, &vrings, 0)
             .unwrap();
+    }
+
+    /// Runs `event` on a thread of its own, failing the test if it does not return.
+    fn event_within_bound(&self, event: u16) {
+        let vrings = [self.rx.vring.clone(), self.tx.vring.clone()];
+        let backend = self.backend.clone();
+        returns_within("a worker event", Duration::from_secs(5), move || {
+            backend
+                .handle_event(event, EventSet::IN, &vrings, 0)
+                .unwrap()
+        });
     }
 
     fn kick_rx(&self) {
@@ -584,4 +599,85 @@ fn unexpected_events_are_ignored_without_stopping_the_worker() {
     rig.transmit(b"still here");
     rig.kick_tx();
     assert_eq!(read_exactly(&mut peer, 10), b"still here");
+}
+
+/// Two heads beyond the descriptor table ahead of a valid chain on each queue, published with
+/// one kick: the bad heads are skipped and the valid chain is served in the same kick.
+fn bad_heads_do_not_hold_back_the_batch(event_idx: bool) {
+    let (mut rig, mut peer) = Rig::socketpair(event_idx);
+    rig.tx.add_heads(&[16, u16::MAX]);
+    rig.transmit(b"after bad heads");
+    rig.kick_tx();
+    assert_eq!(read_exactly(&mut peer, 15), b"after bad heads");
+    assert_eq!(rig.tx.used_idx(), 1);
+
+    peer.write_all(b"typed").unwrap();
+    rig.rx.add_heads(&[16, u16::MAX]);
+    let head = rig.rx.add_chain(&[writable(RX_DATA, 64)]);
+    rig.kick_rx();
+    assert_eq!(rig.rx.used_idx(), 1, "input waits for another kick");
+    assert_eq!(rig.rx.used(0), (u32::from(head), 5));
+    assert_eq!(rig.memory.bytes(RX_DATA, 5), b"typed");
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_without_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(false);
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_with_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(true);
+}
+
+/// An avail index more than a ring ahead of the device on each queue: each event returns, the
+/// queue is stopped and reported once, and nothing is lost: input read meanwhile and output
+/// published before the jump go through once the transport starts the queues again.
+fn broken_rings_stop_their_queues(event_idx: bool) {
+    let (mut rig, mut peer) = Rig::socketpair(event_idx);
+    let recorder = FaultRecorder::default();
+    rig.backend.set_fault_handler(recorder.handler());
+    peer.write_all(b"typed").unwrap();
+    rig.rx.add_chain(&[writable(RX_DATA, 64)]);
+    rig.rx.set_avail_idx(16 + 8);
+    rig.event_within_bound(RECEIVEQ);
+    rig.transmit(b"output");
+    rig.tx.set_avail_idx(16 + 8);
+    rig.event_within_bound(TRANSMITQ);
+    rig.event_within_bound(STREAM_EVENT);
+    let fault = RingFault::AvailIndexBeyondRing {
+        avail_idx: 24,
+        next_avail: 0,
+        size: 16,
+    };
+    let on = |queue| QueueFault {
+        queue,
+        fault: fault.clone(),
+    };
+    assert_eq!(recorder.faults(), vec![on(RECEIVEQ), on(TRANSMITQ)]);
+    assert!(!queue_is_live(&rig.rx.vring) && !queue_is_live(&rig.tx.vring));
+    assert_eq!((rig.rx.used_idx(), rig.tx.used_idx()), (0, 0));
+    assert!(nothing_to_read(&mut peer));
+
+    // The driver repairs its rings and the transport starts the queues again.
+    for queue in [&mut rig.rx, &mut rig.tx] {
+        queue.set_avail_idx(1);
+        queue.vring.set_queue_ready(true);
+    }
+    rig.kick_rx();
+    rig.kick_tx();
+    assert_eq!(rig.rx.used(0).1, 5);
+    assert_eq!(rig.memory.bytes(RX_DATA, 5), b"typed");
+    assert_eq!(read_exactly(&mut peer, 6), b"output");
+    assert_eq!(recorder.faults().len(), 2);
+}
+
+#[test]
+fn broken_rings_stop_their_queues_without_event_idx() {
+    broken_rings_stop_their_queues(false);
+}
+
+#[test]
+fn broken_rings_stop_their_queues_with_event_idx() {
+    broken_rings_stop_their_queues(true);
 }

@@ -27,6 +27,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_device::exit::new_exit_event;
+use hvisor_vhost_device::queue::{FaultHandler, Rings, queue_is_live};
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
 use crate::chain::{Segment, read_stream, split_chain, total_len, write_stream};
@@ -211,6 +212,7 @@ pub struct NetBackend<T = Tap> {
     acked_features: AtomicU64,
     event_idx: AtomicBool,
     memory: GuestMemorySlot,
+    rings: Rings,
     stats: NetStats,
 }
 
@@ -262,6 +264,7 @@ impl<T: TapQueue> NetBackend<T> {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
+            rings: Rings::default(),
             stats: NetStats::default(),
         })
     }
@@ -280,6 +283,14 @@ impl<T: TapQueue> NetBackend<T> {
 
     fn control_queue_index(&self) -> usize {
         2 * self.pairs.len()
+    }
+
+    fn rx_queue_index(pair: usize) -> u16 {
+        2 * pair as u16
+    }
+
+    fn tx_queue_index(pair: usize) -> u16 {
+        2 * pair as u16 + 1
     }
 
     /// Registry value for "the TAP is readable"; queues and the exit event use the values up
@@ -415,9 +426,10 @@ impl<T: TapQueue> NetBackend<T> {
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
     ) {
-        if !queue_ready(vring) {
+        if !queue_is_live(vring) {
             return;
         }
+        let tx_queue = Self::tx_queue_index(index);
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let header_len = self.header_len();
         let mut completed = 0usize;
@@ -426,7 +438,7 @@ impl<T: TapQueue> NetBackend<T> {
             if event_idx {
                 report(index, "TX", vring.disable_notification());
             }
-            while let Some(chain) = pop(vring, mem) {
+            while let Some(chain) = self.rings.pop(vring, tx_queue, mem) {
                 let head = chain.head_index();
                 match self.transmit(index, state, mem, chain, header_len) {
                     Ok(()) => NetStats::bump(&self.stats.tx_frames),
@@ -443,11 +455,9 @@ impl<T: TapQueue> NetBackend<T> {
                         );
                     }
                 }
-                if let Err(error) = vring.add_used(head, 0) {
-                    warn!("queue pair {index}: cannot return TX descriptor {head}: {error}");
-                    break;
+                if self.rings.add_used(vring, tx_queue, head, 0) {
+                    completed += 1;
                 }
-                completed += 1;
             }
             if blocked || !event_idx || !enable_notification(index, "TX", vring) {
                 break;
@@ -523,7 +533,7 @@ impl<T: TapQueue> NetBackend<T> {
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
     ) {
-        if !queue_ready(vring) {
+        if !queue_is_live(vring) {
             self.set_rx_listening(index, state, false);
             return;
         }
@@ -610,6 +620,7 @@ impl<T: TapQueue> NetBackend<T> {
         header_len: usize,
     ) -> Delivery {
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let rx_queue = Self::rx_queue_index(index);
         let len = state.rx_pending;
         let PairState {
             rx_frame,
@@ -623,7 +634,7 @@ impl<T: TapQueue> NetBackend<T> {
         rx_segments.clear();
         let mut capacity = 0;
         while capacity < len && (mergeable || rx_chains.is_empty()) {
-            let Some(chain) = pop(vring, mem) else {
+            let Some(chain) = self.rings.pop(vring, rx_queue, mem) else {
                 let rewound = rx_chains.len() as u16;
                 rewind(vring, rewound);
                 return Delivery::NoRoom { rewound };
@@ -653,9 +664,9 @@ impl<T: TapQueue> NetBackend<T> {
                     format_args!("RX descriptor {head} dropped: {problem}"),
                 );
                 for taken in rx_chains.drain(..) {
-                    add_used(index, vring, taken.head, 0);
+                    self.rings.add_used(vring, rx_queue, taken.head, 0);
                 }
-                add_used(index, vring, head, 0);
+                self.rings.add_used(vring, rx_queue, head, 0);
                 rx_segments.clear();
                 capacity = 0;
                 continue;
@@ -701,27 +712,30 @@ impl<T: TapQueue> NetBackend<T> {
                 );
             }
             offset += take;
-            add_used(index, vring, chain.head, written as u32);
+            self.rings
+                .add_used(vring, rx_queue, chain.head, written as u32);
         }
         Delivery::Done
     }
 
     /// Serves control commands; only MQ's VQ_PAIRS_SET is supported, others get ERR.
     fn process_ctrl(&self, state: &mut PairState, vring: &VringRwLock, mem: &GuestMemoryMmap) {
-        if !queue_ready(vring) {
+        if !queue_is_live(vring) {
             return;
         }
+        let ctrl_queue = self.control_queue_index() as u16;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut completed = 0usize;
         loop {
             if event_idx {
                 report(0, "control", vring.disable_notification());
             }
-            while let Some(chain) = pop(vring, mem) {
+            while let Some(chain) = self.rings.pop(vring, ctrl_queue, mem) {
                 let head = chain.head_index();
                 let used = self.control_command(state, mem, chain, head);
-                add_used(0, vring, head, used);
-                completed += 1;
+                if self.rings.add_used(vring, ctrl_queue, head, used) {
+                    completed += 1;
+                }
             }
             if !event_idx || !enable_notification(0, "control", vring) {
                 break;
@@ -810,18 +824,6 @@ impl<T: TapQueue> NetBackend<T> {
     }
 }
 
-fn queue_ready(vring: &VringRwLock) -> bool {
-    let state = vring.get_ref();
-    state.is_enabled() && state.get_queue().ready()
-}
-
-fn pop<'m>(
-    vring: &VringRwLock,
-    mem: &'m GuestMemoryMmap,
-) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-    vring.get_mut().get_queue_mut().pop_descriptor_chain(mem)
-}
-
 /// Puts the last `count` popped chains back in the ring.
 fn rewind(vring: &VringRwLock, count: u16) {
     if count == 0 {
@@ -833,12 +835,6 @@ fn rewind(vring: &VringRwLock, count: u16) {
     queue.set_next_avail(next);
 }
 
-fn add_used(index: usize, vring: &VringRwLock, head: u16, len: u32) {
-    if let Err(error) = vring.add_used(head, len) {
-        warn!("queue pair {index}: cannot return descriptor {head}: {error}");
-    }
-}
-
 /// Queue errors are logged, never returned: an error from `handle_event` ends the worker.
 fn report<E: fmt::Display>(index: usize, queue: &str, result: Result<(), E>) {
     if let Err(error) = result {
@@ -846,12 +842,14 @@ fn report<E: fmt::Display>(index: usize, queue: &str, result: Result<(), E>) {
     }
 }
 
-/// Re-enables notifications; true if chains arrived meanwhile.
+/// Re-enables notifications; true if chains arrived meanwhile on a queue that is still live
+/// (one stopped meanwhile, e.g. for a broken ring, would report its chains forever).
 fn enable_notification(index: usize, queue: &str, vring: &VringRwLock) -> bool {
-    vring.enable_notification().unwrap_or_else(|error| {
+    let more = vring.enable_notification().unwrap_or_else(|error| {
         warn!("queue pair {index}: {queue} queue: {error}");
         false
-    })
+    });
+    more && queue_is_live(vring)
 }
 
 /// Re-enables RX notifications for chains past the `rewound` ones that were put back for lack
@@ -859,6 +857,11 @@ fn enable_notification(index: usize, queue: &str, vring: &VringRwLock) -> bool {
 /// ones already seen, or the worker would spin on them.
 fn enable_notification_past(index: usize, vring: &VringRwLock, rewound: u16) -> bool {
     let mut state = vring.get_mut();
+    // A queue stopped meanwhile (e.g. for a broken ring) is left alone, as in
+    // `enable_notification`.
+    if !state.is_enabled() || !state.get_queue().ready() {
+        return false;
+    }
     let next = state.get_queue().next_avail();
     state
         .get_queue_mut()
@@ -911,6 +914,10 @@ fn writev(fd: BorrowedFd<'_>, iovecs: &[libc::iovec]) -> io::Result<usize> {
 impl<T: TapQueue> VirtioDevice for NetBackend<T> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.rings.set_fault_handler(handler);
     }
 
     fn attach_event_registry(

@@ -8,8 +8,10 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
 use hvisor_vhost_device::testing::{
-    Buffer, UsedRing, mock_queue, mock_used_ring, raw, readable, writable,
+    Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
+    returns_within, set_avail_idx, writable,
 };
 use hvisor_vhost_device::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -30,6 +32,9 @@ const QUEUE_SIZE: u16 = 16;
 const MEMORY_SIZE: u64 = 0x10_0000;
 const BUFFERS: u64 = 0x1_0000;
 const UNTOUCHED: u8 = 0xee;
+/// Bound of a worker event that must return (a worker spinning on a broken ring fails the
+/// test).
+const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The device's end of a socket pair, recording the controls the device applies.
 struct FakeTap {
@@ -135,7 +140,8 @@ fn queue_start(queue: usize) -> u64 {
 struct Rig<T: TapQueue + 'static = FakeTap> {
     mem: &'static GuestMemoryMmap,
     queues: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
-    backend: NetBackend<T>,
+    /// Shared, so an event can run on a thread of its own (see `event_within_bound`).
+    backend: Arc<NetBackend<T>>,
     vrings: Vec<VringRwLock>,
     calls: Vec<EventFd>,
     next_desc: Vec<u16>,
@@ -220,7 +226,7 @@ impl<T: TapQueue + 'static> Rig<T> {
         Rig {
             mem,
             queues,
-            backend,
+            backend: Arc::new(backend),
             vrings,
             calls,
             next_desc,
@@ -256,6 +262,22 @@ impl<T: TapQueue + 'static> Rig<T> {
         self.backend
             .handle_event(event, evset, &vrings, thread)
             .unwrap();
+    }
+
+    /// Runs worker event `event` of the thread serving `queue` on a thread of its own,
+    /// failing the test if it does not return.
+    fn event_within_bound(&self, queue: usize, event: u16) {
+        let (thread, vrings, _) = self.thread_of(queue);
+        let backend = self.backend.clone();
+        returns_within("a worker event", EVENT_TIMEOUT, move || {
+            backend
+                .handle_event(event, EventSet::IN, &vrings, thread)
+                .unwrap()
+        });
+    }
+
+    fn kick_within_bound(&self, queue: usize) {
+        self.event_within_bound(queue, self.thread_of(queue).2);
     }
 
     fn tap_readable(&self, pair: usize) {
@@ -1097,4 +1119,150 @@ fn a_real_tap_moves_frames_both_ways_in_a_private_namespace() {
     if let Some(reason) = skipped {
         eprintln!("skipped: {reason}");
     }
+}
+
+/// Two heads beyond the descriptor table ahead of a valid chain on each of TX, RX and the
+/// control queue, each published with one kick: the bad heads are skipped and the valid chain
+/// is served in the same kick, not the next one.
+fn bad_heads_do_not_hold_back_the_batch(event_idx: bool) {
+    let mq = MODERN | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+    let mut rig = Rig::pairs(2, mq, event_idx);
+    let bad = [QUEUE_SIZE, u16::MAX];
+
+    let sent = frame(HEADER_LEN, 100, 7);
+    rig.write(BUFFERS, &sent);
+    publish_heads(rig.rings(1), QUEUE_SIZE, &bad);
+    rig.add_chain(1, &[readable(BUFFERS, sent.len() as u32)]);
+    rig.kick(1);
+    assert_eq!(rig.received(0), vec![sent], "TX waits for another kick");
+    assert_eq!(rig.used_idx(1), 1);
+
+    let arriving = frame(HEADER_LEN, 100, 8);
+    rig.send(0, &arriving);
+    publish_heads(rig.rings(0), QUEUE_SIZE, &bad);
+    rig.add_chain(0, &[writable(BUFFERS + 0x1000, 2000)]);
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 1, "RX waits for another kick");
+    assert_eq!(
+        rig.bytes(BUFFERS + 0x1000, arriving.len()),
+        with_num_buffers(arriving, 1)
+    );
+
+    let ctrl = rig.vrings.len() - 1;
+    publish_heads(rig.rings(ctrl), QUEUE_SIZE, &bad);
+    let pairs_set = (
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+    );
+    assert_eq!(
+        control(&mut rig, pairs_set.0, pairs_set.1, &1u16.to_le_bytes()),
+        (1, VIRTIO_NET_OK as u8),
+        "the control command waits for another kick"
+    );
+    assert_eq!(rig.backend.stats().rx_dropped.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_without_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(false);
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_with_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(true);
+}
+
+/// Issue 12, item 13: frames wait on the TAP while the driver moves the RX avail index a ring
+/// and 8 entries past the used index. The worker returns (it used to spin at full CPU, holding
+/// the pair's lock), the RX queue is stopped and reported once, TX goes on, and no frame is
+/// lost: once the transport restarts the queue, the waiting frames are delivered in order.
+fn a_broken_rx_ring_stops_rx_alone(event_idx: bool) {
+    let mut rig = Rig::default(MODERN, event_idx);
+    let recorder = FaultRecorder::default();
+    rig.backend.set_fault_handler(recorder.handler());
+    rig.add_chain(0, &[writable(BUFFERS, 2000)]);
+    rig.send(0, &frame(HEADER_LEN, 100, 1));
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 1);
+    assert!(rig.listening(0));
+
+    let waiting: Vec<Vec<u8>> = (2..5).map(|seed| frame(HEADER_LEN, 100, seed)).collect();
+    for frame in &waiting {
+        rig.send(0, frame);
+    }
+    set_avail_idx(rig.rings(0), 1 + QUEUE_SIZE + 8);
+    rig.event_within_bound(0, rig.backend.tap_readable_event());
+    rig.kick_within_bound(0);
+    let fault = QueueFault {
+        queue: 0,
+        fault: RingFault::AvailIndexBeyondRing {
+            avail_idx: 1 + QUEUE_SIZE + 8,
+            next_avail: 1,
+            size: QUEUE_SIZE,
+        },
+    };
+    assert_eq!(recorder.faults(), vec![fault], "reported once");
+    assert!(
+        !queue_is_live(&rig.vrings[0]),
+        "the RX queue was not stopped"
+    );
+    assert!(
+        !rig.listening(0),
+        "the TAP is still watched for a stopped queue"
+    );
+    assert_eq!(rig.used_idx(0), 1);
+
+    let sent = frame(HEADER_LEN, 60, 9);
+    rig.write(BUFFERS + 0x4000, &sent);
+    rig.add_chain(1, &[readable(BUFFERS + 0x4000, sent.len() as u32)]);
+    rig.kick(1);
+    assert_eq!(rig.received(0), vec![sent], "TX stopped with RX");
+
+    // The driver repairs its ring and the transport starts the queue again.
+    set_avail_idx(rig.rings(0), 1);
+    for i in 0..3 {
+        rig.add_chain(0, &[writable(BUFFERS + 0x1000 * (i + 1), 2000)]);
+    }
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 1, "a stopped queue was served");
+    rig.vrings[0].set_queue_ready(true);
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 4);
+    for (i, frame) in waiting.into_iter().enumerate() {
+        let len = frame.len();
+        assert_eq!(rig.used(0, 1 + i as u16).1, len as u32);
+        assert_eq!(
+            rig.bytes(BUFFERS + 0x1000 * (i as u64 + 1), len),
+            with_num_buffers(frame, 1)
+        );
+    }
+    assert_eq!(recorder.faults().len(), 1);
+}
+
+#[test]
+fn a_broken_rx_ring_stops_rx_alone_without_event_idx() {
+    a_broken_rx_ring_stops_rx_alone(false);
+}
+
+#[test]
+fn a_broken_rx_ring_stops_rx_alone_with_event_idx() {
+    a_broken_rx_ring_stops_rx_alone(true);
+}
+
+/// The same jump on the TX and control rings: each worker returns and each queue is reported.
+#[test]
+fn broken_tx_and_control_rings_stop_their_queues() {
+    let mq = MODERN | bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ);
+    let rig = Rig::pairs(2, mq, true);
+    let recorder = FaultRecorder::default();
+    rig.backend.set_fault_handler(recorder.handler());
+    let ctrl = rig.vrings.len() - 1;
+    for queue in [1, ctrl] {
+        set_avail_idx(rig.rings(queue), QUEUE_SIZE + 8);
+        rig.kick_within_bound(queue);
+        assert!(!queue_is_live(&rig.vrings[queue]), "queue {queue}");
+    }
+    let reported: Vec<u16> = recorder.faults().iter().map(|fault| fault.queue).collect();
+    assert_eq!(reported, [1, ctrl as u16]);
+    assert!(queue_is_live(&rig.vrings[0]) && queue_is_live(&rig.vrings[3]));
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -20,7 +19,7 @@ use hvisor_vhost_device::chain::{Direction, Segment, collect_segments};
 use hvisor_vhost_device::config_space::read_config;
 use hvisor_vhost_device::exit::new_exit_event;
 use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{QueueState, queue_is_live, serve_queue};
+use hvisor_vhost_device::queue::{FaultHandler, QueueState, Rings, queue_is_live, serve_queue};
 use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_RNG, VirtioDevice};
 
 use crate::config::RngConfig;
@@ -30,6 +29,8 @@ use crate::source::{EntropySource, OpenError};
 pub const QUEUE_SIZE: u16 = 256;
 const NUM_QUEUES: usize = 1;
 const REQUEST_QUEUE_EVENT: u16 = 0;
+/// The request queue's index in the device.
+const REQUEST_QUEUE: u16 = 0;
 /// The rate-limit timer's event id: above the queue and the exit event (`NUM_QUEUES`).
 pub const RATE_LIMIT_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// No single request holds the worker for longer than one read of this size.
@@ -109,6 +110,7 @@ struct Worker {
     source: EntropySource,
     throttle: Option<Throttle>,
     segments: Vec<Segment>,
+    rings: Rings,
 }
 
 impl Worker {
@@ -127,8 +129,7 @@ impl Worker {
                     available => available.min(MAX_REQUEST_BYTES),
                 },
             };
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = chain else {
+            let Some(chain) = self.rings.pop(vring, REQUEST_QUEUE, mem) else {
                 return Ok((completed, QueueState::Drained));
             };
             let head = chain.head_index();
@@ -142,10 +143,9 @@ impl Worker {
                         0
                     }
                 };
-            vring.add_used(head, used_len).map_err(|error| {
-                io::Error::other(format!("cannot return descriptor {head}: {error}"))
-            })?;
-            completed += 1;
+            if self.rings.add_used(vring, REQUEST_QUEUE, head, used_len) {
+                completed += 1;
+            }
         }
     }
 
@@ -197,6 +197,7 @@ impl RngBackend {
                 source,
                 throttle,
                 segments: Vec::new(),
+                rings: Rings::default(),
             }),
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
@@ -233,6 +234,10 @@ impl RngBackend {
 impl VirtioDevice for RngBackend {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
+    }
+
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.worker().rings.set_fault_handler(handler);
     }
 
     fn attach_event_registry(

@@ -4,10 +4,13 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use hvisor_vhost_device::testing::{EpollRegistry, TestMemory, TestQueue, writable};
+use hvisor_vhost_device::queue::{QueueFault, RingFault};
+use hvisor_vhost_device::testing::{
+    EpollRegistry, FaultRecorder, TestMemory, TestQueue, returns_within, writable,
+};
 use hvisor_vhost_device::{VIRTIO_ID_RNG, VirtioDevice};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
@@ -24,7 +27,8 @@ const UNTOUCHED: u8 = 0xee;
 struct Rig {
     memory: TestMemory,
     queue: TestQueue,
-    backend: RngBackend,
+    /// Shared, so an event can run on a thread of its own (see `kick_within_bound`).
+    backend: Arc<RngBackend>,
     registry: Arc<EpollRegistry>,
     /// Keeps a file source alive.
     _source: Option<tempfile::NamedTempFile>,
@@ -43,7 +47,7 @@ impl Rig {
     ) -> Self {
         let memory = TestMemory::new(MEMORY_SIZE as usize);
         let queue = TestQueue::new(&memory, 0, 16, event_idx);
-        let backend = RngBackend::new(&config.validate().unwrap()).unwrap();
+        let backend = Arc::new(RngBackend::new(&config.validate().unwrap()).unwrap());
         let registry = Arc::new(EpollRegistry::default());
         backend.attach_event_registry(0, registry.clone()).unwrap();
         backend.update_memory(memory.atomic.clone()).unwrap();
@@ -82,6 +86,17 @@ impl Rig {
 
     fn kick(&self) {
         self.event(REQUEST_QUEUE_EVENT);
+    }
+
+    /// Kicks on a thread of its own, failing the test if the kick does not return.
+    fn kick_within_bound(&self) {
+        let vrings = [self.queue.vring.clone()];
+        let backend = self.backend.clone();
+        returns_within("a kick", std::time::Duration::from_secs(5), move || {
+            backend
+                .handle_event(REQUEST_QUEUE_EVENT, EventSet::IN, &vrings, 0)
+                .unwrap()
+        });
     }
 
     fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -375,4 +390,73 @@ fn stopped_queues_are_not_read() {
     rig.queue.vring.set_queue_ready(false);
     rig.kick();
     assert_eq!(rig.queue.used_idx(), 0);
+}
+
+/// Two heads beyond the descriptor table ahead of a valid request, published with one kick:
+/// the bad heads are skipped and the request is served in the same kick.
+fn bad_heads_do_not_hold_back_the_batch(event_idx: bool) {
+    let mut rig = Rig::file(4096, None, event_idx);
+    rig.queue.add_heads(&[16, u16::MAX]);
+    let head = rig.queue.add_chain(&[writable(DATA, 32)]);
+    rig.kick();
+    assert_eq!(
+        rig.queue.used_idx(),
+        1,
+        "the request waits for another kick"
+    );
+    assert_eq!(rig.queue.used(0), (u32::from(head), 32));
+    assert_eq!(rig.bytes(DATA, 32), pattern(32));
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_without_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(false);
+}
+
+#[test]
+fn bad_heads_do_not_hold_back_the_batch_with_event_idx() {
+    bad_heads_do_not_hold_back_the_batch(true);
+}
+
+/// An avail index more than a ring ahead of the device: the kick returns, the queue is
+/// stopped and reported once; once the transport starts it again, it serves.
+fn a_broken_ring_stops_the_queue(event_idx: bool) {
+    let mut rig = Rig::file(4096, None, event_idx);
+    let recorder = FaultRecorder::default();
+    rig.backend.set_fault_handler(recorder.handler());
+    rig.queue.add_chain(&[writable(DATA, 32)]);
+    rig.queue.set_avail_idx(16 + 8);
+    rig.kick_within_bound();
+    let fault = QueueFault {
+        queue: 0,
+        fault: RingFault::AvailIndexBeyondRing {
+            avail_idx: 24,
+            next_avail: 0,
+            size: 16,
+        },
+    };
+    assert_eq!(recorder.faults(), vec![fault]);
+    assert!(
+        !queue_is_live(&rig.queue.vring),
+        "the queue was not stopped"
+    );
+    assert_eq!(rig.queue.used_idx(), 0);
+    rig.kick_within_bound();
+    assert_eq!(recorder.faults().len(), 1, "reported once");
+
+    rig.queue.set_avail_idx(1);
+    rig.queue.vring.set_queue_ready(true);
+    rig.kick();
+    assert_eq!(rig.queue.used(0).1, 32);
+    assert_eq!(rig.bytes(DATA, 32), pattern(32));
+}
+
+#[test]
+fn a_broken_ring_stops_the_queue_without_event_idx() {
+    a_broken_ring_stops_the_queue(false);
+}
+
+#[test]
+fn a_broken_ring_stops_the_queue_with_event_idx() {
+    a_broken_ring_stops_the_queue(true);
 }
