@@ -47,12 +47,9 @@ impl Drop for Bridge {
     }
 }
 
-/// Why waiting for a synchronous answer ended without one.
+/// Waiting for a synchronous answer ended without one: `keep_waiting` said to stop.
 #[derive(Debug)]
-pub enum WaitError {
-    /// `alive` reported the daemon gone.
-    DaemonGone,
-}
+pub struct GaveUp;
 
 impl Bridge {
     /// A zero-filled page in a fresh memfd; `wakeup` is the eventfd standing in for the
@@ -155,14 +152,16 @@ impl Bridge {
     }
 
     /// Waits until the daemon has answered `cpu`'s synchronous request (its `cfg_flags` entry
-    /// moved away from `before`) and returns `cfg_values[cpu]`. hvisor spins forever; we
-    /// spin briefly, then yield, and every 10 ms ask `alive` whether waiting still makes sense.
+    /// moved away from `before`) and returns the new flag and `cfg_values[cpu]`. hvisor spins
+    /// forever on a CPU of its own; our vCPU threads share L1's CPUs with the daemon and with
+    /// each other, so we spin briefly, then poll every few microseconds asleep, and every 10 ms
+    /// ask `keep_waiting` whether waiting still makes sense.
     pub fn wait_answer(
         &self,
         cpu: u64,
         before: u64,
-        mut alive: impl FnMut() -> bool,
-    ) -> Result<u64, WaitError> {
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<(u64, u64), GaveUp> {
         let page = self.page();
         let mut spins = 0u32;
         let mut next_check = Instant::now() + Duration::from_millis(10);
@@ -170,17 +169,17 @@ impl Bridge {
             let flag = page.cfg_flags[cpu as usize].load(Ordering::Relaxed);
             fence(Ordering::Acquire);
             if flag != before {
-                return Ok(page.cfg_values[cpu as usize].load(Ordering::Relaxed));
+                return Ok((flag, page.cfg_values[cpu as usize].load(Ordering::Relaxed)));
             }
             spins += 1;
             if spins < 200 {
                 std::hint::spin_loop();
                 continue;
             }
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_micros(20));
             if Instant::now() >= next_check {
-                if !alive() {
-                    return Err(WaitError::DaemonGone);
+                if !keep_waiting() {
+                    return Err(GaveUp);
                 }
                 next_check = Instant::now() + Duration::from_millis(10);
             }
@@ -340,7 +339,10 @@ mod tests {
                 page.cfg_flags[3].fetch_add(1, Ordering::Relaxed);
             })
         };
-        assert_eq!(bridge.wait_answer(3, before, || true).unwrap(), 0x7472_6976);
+        assert_eq!(
+            bridge.wait_answer(3, before, || true).unwrap(),
+            (before + 1, 0x7472_6976)
+        );
         daemon.join().unwrap();
     }
 

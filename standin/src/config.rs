@@ -1,12 +1,17 @@
-//! The part of hvisor-tool's `virtio_cfg.json` the stand-in needs: one zone's RAM windows and
-//! its device windows. The daemon reads the same file with its own, much stricter parser; this
+//! The part of hvisor-tool's `virtio_cfg.json` the stand-in needs: each zone's RAM windows and
+//! device windows, plus the physical CPU ids its vCPUs claim (from the command line). The daemon reads the same file with its own, much stricter parser; this
 //! one only has to agree on the meaning of the fields it uses (hex strings or JSON numbers,
 //! read like C `strtoumax(s, &end, 0)`, and `"status": "disable"` entries skipped).
 
 use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
+use hvisor_bridge::abi::MAX_CPUS;
 use serde_json::{Map, Value};
+
+/// Most vCPUs the stand-in gives one zone.
+pub const MAX_VCPUS: usize = 8;
 
 /// One zone as the stand-in runs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +19,9 @@ pub struct Zone {
     pub id: u32,
     pub ram: Vec<RamWindow>,
     pub devices: Vec<Device>,
+    /// Physical CPU id of each vCPU, in vCPU order (the first one boots): what hvisor puts in
+    /// `src_cpu` and uses to index `cfg_flags`/`cfg_values`.
+    pub cpus: Vec<u64>,
 }
 
 /// Zone RAM: the daemon maps it by `zone0_ipa`, the guest sees it at `zonex_ipa`.
@@ -55,33 +63,152 @@ fn error(origin: &Path, text: impl fmt::Display) -> ConfigError {
     ConfigError(format!("{}: {text}", origin.display()))
 }
 
-/// Reads zone `zone_id` (or the first zone when `None`) from the JSON text.
-pub fn parse_zone(text: &str, origin: &Path, zone_id: Option<u32>) -> Result<Zone, ConfigError> {
+/// `--zone ID[:CPU,CPU...]`: a zone to run and, optionally, the physical CPU ids its vCPUs
+/// claim (the first one boots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneChoice {
+    pub id: u32,
+    pub cpus: Option<Vec<u64>>,
+}
+
+impl FromStr for ZoneChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = |what: &str| format!("--zone {text:?}: {what} (expected ID or ID:CPU,CPU...)");
+        let (id, cpus) = match text.split_once(':') {
+            Some((id, cpus)) => (id, Some(cpus)),
+            None => (text, None),
+        };
+        let id = id.parse().map_err(|_| bad("the zone id is not a number"))?;
+        let cpus = cpus
+            .map(|list| {
+                list.split(',')
+                    .map(|cpu| {
+                        cpu.parse()
+                            .map_err(|_| bad(&format!("cpu {cpu:?} is not a number")))
+                    })
+                    .collect::<Result<Vec<u64>, String>>()
+            })
+            .transpose()?;
+        Ok(ZoneChoice { id, cpus })
+    }
+}
+
+/// Reads the zones to run: the `chosen` ones in that order, or every zone of the file. Each
+/// vCPU gets a physical CPU id, the index into `cfg_flags`/`cfg_values` it puts in `src_cpu`:
+/// the listed ones, else the lowest free ids from 1 (CPU 0 stays the root zone's, as on hvisor).
+pub fn parse_zones(
+    text: &str,
+    origin: &Path,
+    chosen: &[ZoneChoice],
+) -> Result<Vec<Zone>, ConfigError> {
     let root: Value =
         serde_json::from_str(text).map_err(|e| error(origin, format!("not valid JSON: {e}")))?;
-    let zones = root
+    let entries = root
         .get("zones")
         .and_then(Value::as_array)
         .ok_or_else(|| error(origin, "no \"zones\" array"))?;
-    let mut chosen = None;
-    for (index, zone) in zones.iter().enumerate() {
+    let mut zones = Vec::new();
+    for (index, zone) in entries.iter().enumerate() {
         let zone = zone
             .as_object()
             .ok_or_else(|| error(origin, format!("zones[{index}] is not an object")))?;
         let id = number(zone, "id").map_err(|e| error(origin, format!("zones[{index}]: {e}")))?;
         let id = u32::try_from(id)
             .map_err(|_| error(origin, format!("zones[{index}]: id {id} too large")))?;
-        if zone_id.is_none_or(|wanted| wanted == id) {
-            chosen = Some((index, id, zone));
-            break;
+        zones.push((index, id, zone));
+    }
+    let selected: Vec<_> = if chosen.is_empty() {
+        if zones.is_empty() {
+            return Err(error(origin, "the zones array is empty"));
+        }
+        zones
+            .iter()
+            .map(|&(index, id, zone)| (index, id, zone, None))
+            .collect()
+    } else {
+        let mut selected = Vec::new();
+        for (n, choice) in chosen.iter().enumerate() {
+            if chosen[..n].iter().any(|earlier| earlier.id == choice.id) {
+                return Err(ConfigError(format!("--zone {} is given twice", choice.id)));
+            }
+            let &(index, id, zone) = zones
+                .iter()
+                .find(|(_, id, _)| *id == choice.id)
+                .ok_or_else(|| error(origin, format!("no zone with id {}", choice.id)))?;
+            selected.push((index, id, zone, choice.cpus.clone()));
+        }
+        selected
+    };
+    let mut parsed = Vec::new();
+    for (index, id, zone, cpus) in selected {
+        let at = |what: String| error(origin, format!("zones[{index}] (zone id {id}), {what}"));
+        parsed.push((parse_zone_body(id, zone, at)?, cpus));
+    }
+    assign_cpus(parsed)
+}
+
+/// Gives every zone its CPU ids and checks they fit the bridge and are not shared.
+fn assign_cpus(zones: Vec<(Zone, Option<Vec<u64>>)>) -> Result<Vec<Zone>, ConfigError> {
+    let mut taken: Vec<(u64, u32)> = Vec::new();
+    for (zone, cpus) in &zones {
+        let Some(cpus) = cpus else { continue };
+        if cpus.is_empty() || cpus.len() > MAX_VCPUS {
+            return Err(ConfigError(format!(
+                "--zone {}: {} vCPUs; the stand-in runs 1 to {MAX_VCPUS} per zone",
+                zone.id,
+                cpus.len()
+            )));
+        }
+        for &cpu in cpus {
+            if cpu as usize >= MAX_CPUS {
+                return Err(ConfigError(format!(
+                    "--zone {}: cpu {cpu} is beyond the bridge's {MAX_CPUS} cfg_flags/cfg_values \
+                     entries",
+                    zone.id
+                )));
+            }
+            if let Some(&(_, owner)) = taken.iter().find(|(used, _)| *used == cpu) {
+                return Err(ConfigError(format!(
+                    "--zone {}: cpu {cpu} is already zone {owner}'s; each vCPU needs its own \
+                     physical CPU id",
+                    zone.id
+                )));
+            }
+            taken.push((cpu, zone.id));
         }
     }
-    let (index, id, zone) = chosen.ok_or_else(|| match zone_id {
-        Some(wanted) => error(origin, format!("no zone with id {wanted}")),
-        None => error(origin, "the zones array is empty"),
-    })?;
-    let at = |what: String| error(origin, format!("zones[{index}] (zone id {id}), {what}"));
+    let mut next_free = 1;
+    let mut result = Vec::new();
+    for (mut zone, cpus) in zones {
+        zone.cpus = match cpus {
+            Some(cpus) => cpus,
+            None => {
+                while taken.iter().any(|(used, _)| *used == next_free) {
+                    next_free += 1;
+                }
+                if next_free as usize >= MAX_CPUS {
+                    return Err(ConfigError(format!(
+                        "zone {}: no free cpu id below {MAX_CPUS} left",
+                        zone.id
+                    )));
+                }
+                taken.push((next_free, zone.id));
+                vec![next_free]
+            }
+        };
+        result.push(zone);
+    }
+    Ok(result)
+}
 
+/// One zone's RAM windows and enabled devices; `at` prefixes errors with where they are.
+fn parse_zone_body(
+    id: u32,
+    zone: &Map<String, Value>,
+    at: impl Fn(String) -> ConfigError,
+) -> Result<Zone, ConfigError> {
     let mut ram = Vec::new();
     let regions = zone
         .get("memory_region")
@@ -138,7 +265,12 @@ pub fn parse_zone(text: &str, origin: &Path, zone_id: Option<u32>) -> Result<Zon
             irq,
         });
     }
-    Ok(Zone { id, ram, devices })
+    Ok(Zone {
+        id,
+        ram,
+        devices,
+        cpus: Vec::new(),
+    })
 }
 
 /// A JSON number, or a string read as C `strtoumax(s, &end, 0)` reads it.
@@ -175,9 +307,23 @@ mod tests {
           {"type":"rng","addr":"0xa000200","len":512,"irq":"061","status":"disable"},
           {"type":"rng","addr":"0xa000400","len":512,"irq":50,"status":"enable"}]}]}"#;
 
+    const TWO_ZONES: &str = r#"{"zones":[
+        {"id":1,"memory_region":[{"zone0_ipa":"0x50000000","zonex_ipa":"0x40000000","size":"0x10000000"}],
+         "devices":[{"type":"blk","addr":"0xa000000","len":"0x200","irq":48}]},
+        {"id":2,"memory_region":[{"zone0_ipa":"0x60000000","zonex_ipa":"0x40000000","size":"0x10000000"}],
+         "devices":[{"type":"blk","addr":"0xa000000","len":"0x200","irq":52}]}]}"#;
+
+    fn zones(text: &str, chosen: &[&str]) -> Result<Vec<Zone>, String> {
+        let chosen = chosen
+            .iter()
+            .map(|c| c.parse())
+            .collect::<Result<Vec<ZoneChoice>, String>>()?;
+        parse_zones(text, Path::new("cfg.json"), &chosen).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn reads_hex_octal_and_numbers_and_skips_disabled_devices() {
-        let zone = parse_zone(SAMPLE, Path::new("cfg.json"), None).unwrap();
+        let zone = zones(SAMPLE, &[]).unwrap().remove(0);
         assert_eq!(zone.id, 1);
         assert_eq!(
             zone.ram,
@@ -197,14 +343,42 @@ mod tests {
 
     #[test]
     fn missing_zone_and_bad_irq_are_named() {
-        let message = parse_zone(SAMPLE, Path::new("cfg.json"), Some(7))
-            .unwrap_err()
-            .to_string();
+        let message = zones(SAMPLE, &["7"]).unwrap_err();
         assert_eq!(message, "cfg.json: no zone with id 7");
         let bad = SAMPLE.replace("\"0x30\"", "16");
-        let message = parse_zone(&bad, Path::new("cfg.json"), None)
-            .unwrap_err()
-            .to_string();
+        let message = zones(&bad, &[]).unwrap_err();
         assert!(message.contains("devices[0]: irq 16"), "{message}");
+    }
+
+    #[test]
+    fn every_zone_runs_by_default_with_one_vcpu_each_from_cpu_1() {
+        let all = zones(TWO_ZONES, &[]).unwrap();
+        let ids: Vec<(u32, Vec<u64>)> = all.iter().map(|z| (z.id, z.cpus.clone())).collect();
+        assert_eq!(ids, [(1, vec![1]), (2, vec![2])]);
+        assert_eq!(all[1].ram[0].zone0_ipa, 0x6000_0000);
+    }
+
+    #[test]
+    fn chosen_cpus_are_kept_and_the_others_get_the_next_free_ids() {
+        let all = zones(TWO_ZONES, &["2", "1:1,3"]).unwrap();
+        let ids: Vec<(u32, Vec<u64>)> = all.iter().map(|z| (z.id, z.cpus.clone())).collect();
+        assert_eq!(ids, [(2, vec![2]), (1, vec![1, 3])]);
+        assert_eq!(zones(TWO_ZONES, &["1:5"]).unwrap()[0].cpus, [5]);
+    }
+
+    #[test]
+    fn shared_out_of_range_and_malformed_cpus_are_refused() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["1:1,2", "2:2"], "cpu 2 is already zone 1's"),
+            (&["1:32"], "cpu 32 is beyond the bridge's 32"),
+            (&["1:1,2,3,4,5,6,7,8,9"], "9 vCPUs"),
+            (&["1", "1"], "--zone 1 is given twice"),
+            (&["1:x"], "cpu \"x\" is not a number"),
+            (&["one"], "the zone id is not a number"),
+        ];
+        for (chosen, expected) in cases {
+            let message = zones(TWO_ZONES, chosen).unwrap_err();
+            assert!(message.contains(expected), "{chosen:?}: {message}");
+        }
     }
 }

@@ -8,8 +8,8 @@ use crate::config::Zone;
 pub const GICD_BASE: u64 = 0x0800_0000;
 pub const GICD_SIZE: u64 = 0x1_0000;
 pub const GICR_BASE: u64 = 0x080a_0000;
-/// One redistributor frame pair per vCPU; the stand-in runs one vCPU.
-pub const GICR_SIZE: u64 = 0x2_0000;
+/// Size of one vCPU's redistributor (RD and SGI frames); they follow each other from GICR_BASE.
+pub const GICR_SIZE_PER_VCPU: u64 = 0x2_0000;
 const GIC_PHANDLE: u32 = 1;
 const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
@@ -34,12 +34,15 @@ pub fn build(zone: &Zone, boot: &BootInfo) -> Result<Vec<u8>, Error> {
     let cpus = f.begin_node("cpus")?;
     f.property_u32("#address-cells", 1)?;
     f.property_u32("#size-cells", 0)?;
-    let cpu = f.begin_node("cpu@0")?;
-    f.property_string("device_type", "cpu")?;
-    f.property_string("compatible", "arm,arm-v8")?;
-    f.property_string("enable-method", "psci")?;
-    f.property_u32("reg", 0)?;
-    f.end_node(cpu)?;
+    // KVM gives vCPU n the MPIDR affinity n (Aff0 up to 15), which is what `reg` names.
+    for index in 0..zone.cpus.len() as u32 {
+        let cpu = f.begin_node(&format!("cpu@{index}"))?;
+        f.property_string("device_type", "cpu")?;
+        f.property_string("compatible", "arm,arm-v8")?;
+        f.property_string("enable-method", "psci")?;
+        f.property_u32("reg", index)?;
+        f.end_node(cpu)?;
+    }
     f.end_node(cpus)?;
 
     for window in &zone.ram {
@@ -61,7 +64,8 @@ pub fn build(zone: &Zone, boot: &BootInfo) -> Result<Vec<u8>, Error> {
     f.property_string("compatible", "arm,gic-v3")?;
     f.property_null("interrupt-controller")?;
     f.property_u32("#interrupt-cells", 3)?;
-    f.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE])?;
+    let redistributors = GICR_SIZE_PER_VCPU * zone.cpus.len() as u64;
+    f.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, GICR_BASE, redistributors])?;
     f.property_u32("#address-cells", 2)?;
     f.property_u32("#size-cells", 2)?;
     f.property_null("ranges")?;
@@ -108,7 +112,7 @@ mod tests {
     }
 
     #[test]
-    fn virtio_nodes_carry_address_size_and_spi_number() {
+    fn cpus_redistributors_and_virtio_nodes_follow_the_zone() {
         let zone = Zone {
             id: 1,
             ram: vec![RamWindow {
@@ -122,6 +126,7 @@ mod tests {
                 len: 0x200,
                 irq: 48,
             }],
+            cpus: vec![4, 7],
         };
         let dtb = build(
             &zone,
@@ -133,6 +138,23 @@ mod tests {
         .unwrap();
         assert!(find(&dtb, b"virtio_mmio@a000200\0"));
         assert!(find(&dtb, b"memory@40000000\0"));
+        assert!(find(&dtb, b"cpu@1\0"));
+        assert!(!find(&dtb, b"cpu@2\0"));
+        // Two redistributors: reg = <0 GICD 0 GICD_SIZE 0 GICR 0 2*0x20000>.
+        let gic_reg: Vec<u8> = [
+            0,
+            GICD_BASE as u32,
+            0,
+            GICD_SIZE as u32,
+            0,
+            GICR_BASE as u32,
+            0,
+            0x4_0000,
+        ]
+        .iter()
+        .flat_map(|c: &u32| c.to_be_bytes())
+        .collect();
+        assert!(find(&dtb, &gic_reg));
         // reg = <0 0xa000200 0 0x200>, interrupts = <0 16 1>, big endian cells
         let reg: Vec<u8> = [0u32, 0xa00_0200, 0, 0x200]
             .iter()

@@ -1,5 +1,5 @@
-//! hvisor-standin: plays hvisor for one zone on an arm64 Linux host with KVM, so that the
-//! hvisor-vhost daemon can serve a real, unmodified Linux guest through the `virtio_bridge`
+//! hvisor-standin: plays hvisor for one or more zones on an arm64 Linux host with KVM, so that
+//! the hvisor-vhost daemon can serve real, unmodified Linux guests through the `virtio_bridge`
 //! ring without hvisor. See standin/README.md.
 
 // Without KVM (other architectures) only `dtb`, `console-peer` and `mktap` run; the bridge
@@ -20,14 +20,22 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage:
   hvisor-standin run --config virtio_cfg.json --socket PATH --kernel Image
-                     [--initrd FILE] [--cmdline TEXT] [--zone ID] [--accept-timeout SECS]
-      create the zone's RAM and the bridge page, wait for `hvisor-vhost hvisor
-      --hypervisor-socket PATH` to connect, hand both over, then boot the guest with KVM
-      (aarch64 only) until it powers off
-  hvisor-standin dtb --config virtio_cfg.json --out FILE [--cmdline TEXT] [--zone ID]
-      write the device tree the guest would get (no KVM needed)
+                     [--initrd FILE] [--cmdline TEXT] [--zone ID[:CPU,...]]...
+                     [--accept-timeout SECS] [--answer-timeout SECS]
+      create each zone's RAM and one bridge page, wait for `hvisor-vhost hvisor
+      --hypervisor-socket PATH` to connect, hand them over, then boot the guest of every zone
+      with KVM (aarch64 only) until all have powered off. Without --zone: every zone of the
+      file, one vCPU each. --zone picks zones and the physical CPU ids of their vCPUs (one vCPU
+      per id, the first boots; default: the next free id from 1). `{zone}` in --cmdline
+      stands for the zone id. --answer-timeout: end the run with an error naming the CPU and
+      the register when a synchronous answer takes longer (hvisor waits forever, the default).
+  hvisor-standin dtb --config virtio_cfg.json --out FILE [--cmdline TEXT] [--zone ID[:CPU,...]]
+      write the device tree the guest of the zone (default: the first) would get (no KVM
+      needed)
   hvisor-standin console-peer --socket PATH --marker TEXT --send FILE --out FILE [--timeout SECS]
-      connect to a console socket, record what arrives, send FILE once TEXT was seen
+                              [--ready FLAG] [--go FLAG]
+      connect to a console socket, record what arrives, send FILE once TEXT was seen (and,
+      with --go, once the file FLAG exists); --ready: create the file FLAG when TEXT arrives
   hvisor-standin mktap NAME
       create a persistent TAP interface the net device can attach to";
 
@@ -46,6 +54,13 @@ impl Args {
             pairs.push((key.to_owned(), value.clone()));
         }
         Ok(Self(pairs))
+    }
+
+    fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -70,10 +85,14 @@ impl Args {
     }
 }
 
-fn load_zone(args: &Args) -> Result<config::Zone, Box<dyn std::error::Error>> {
+fn load_zones(args: &Args) -> Result<Vec<config::Zone>, Box<dyn std::error::Error>> {
     let path = PathBuf::from(args.require("config")?);
+    let chosen = args
+        .all("zone")
+        .map(str::parse)
+        .collect::<Result<Vec<config::ZoneChoice>, String>>()?;
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(config::parse_zone(&text, &path, args.number("zone")?)?)
+    Ok(config::parse_zones(&text, &path, &chosen)?)
 }
 
 fn main() -> ExitCode {
@@ -114,7 +133,7 @@ fn main() -> ExitCode {
 }
 
 fn dtb(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let zone = load_zone(args)?;
+    let zone = load_zones(args)?.remove(0);
     let blob = fdt::build(
         &zone,
         &fdt::BootInfo {
@@ -136,27 +155,36 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     use std::os::unix::net::UnixListener;
     use std::sync::Arc;
 
-    let zone = load_zone(args)?;
+    let zones = load_zones(args)?;
     let socket = PathBuf::from(args.require("socket")?);
     let boot = vmm::Boot {
         kernel: PathBuf::from(args.require("kernel")?),
         initrd: args.get("initrd").map(PathBuf::from),
         cmdline: args.get("cmdline").unwrap_or("panic=-1 quiet").to_owned(),
+        answer_timeout: args
+            .number::<u64>("answer-timeout")?
+            .map(std::time::Duration::from_secs),
     };
     let accept_timeout = args.number::<i32>("accept-timeout")?.unwrap_or(60);
 
-    let ram = vmm::create_ram(&zone)?;
+    let rams = zones
+        .iter()
+        .map(vmm::create_ram)
+        .collect::<Result<Vec<_>, _>>()?;
     let bridge = Arc::new(bridge::Bridge::new(bridge::eventfd()?)?);
 
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    eprintln!(
-        "[standin] zone {}: {} RAM window(s), {} device(s); waiting for the daemon on {}",
-        zone.id,
-        zone.ram.len(),
-        zone.devices.len(),
-        socket.display()
-    );
+    for zone in &zones {
+        eprintln!(
+            "[standin] zone {}: {} RAM window(s), {} device(s), vCPUs on physical CPUs {:?}",
+            zone.id,
+            zone.ram.len(),
+            zone.devices.len(),
+            zone.cpus
+        );
+    }
+    eprintln!("[standin] waiting for the daemon on {}", socket.display());
     tools::wait_readable(&listener, accept_timeout).map_err(|e| {
         format!(
             "no daemon connected to {} within {accept_timeout} s: {e}",
@@ -164,19 +192,29 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )
     })?;
     let (stream, _) = listener.accept()?;
-    let windows: Vec<handoff::Window> = zone
-        .ram
+    let windows: Vec<handoff::Window> = zones
         .iter()
-        .zip(&ram.files)
-        .map(|(window, file)| handoff::Window {
-            zone: zone.id,
-            zone0_ipa: window.zone0_ipa,
-            size: window.size,
-            fd: file,
+        .zip(&rams)
+        .flat_map(|(zone, ram)| {
+            zone.ram
+                .iter()
+                .zip(&ram.files)
+                .map(|(window, file)| handoff::Window {
+                    zone: zone.id,
+                    zone0_ipa: window.zone0_ipa,
+                    size: window.size,
+                    fd: file,
+                })
         })
         .collect();
     handoff::send_hello(&stream, bridge.memfd(), bridge.wakeup_fd(), &windows)?;
     let finish = handoff::receive_reply(&stream)?;
     eprintln!("[standin] hand-off done; booting {}", boot.kernel.display());
-    vmm::run(zone, ram, bridge, finish, stream, &boot)
+    vmm::run(
+        zones.into_iter().zip(rams).collect(),
+        bridge,
+        finish,
+        stream,
+        &boot,
+    )
 }

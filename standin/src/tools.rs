@@ -31,12 +31,16 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout_secs: i32) -> io::Result<()> {
 
 /// Connects to the console socket (retrying until the daemon has created it), records every
 /// byte the guest sends in `--out`, and sends `--send` once `--marker` has arrived, so the
-/// guest's reader is known to be running. Ends when the daemon closes the socket.
+/// guest's reader is known to be running. With `--ready FILE` it creates FILE when the marker
+/// arrives, and with `--go FILE` it holds the payload back until FILE exists: that lets a
+/// script start several guests' next step together. Ends when the daemon closes the socket.
 pub fn console_peer(args: &Args) -> Result<()> {
     let path = args.require("socket")?;
     let marker = args.require("marker")?.as_bytes().to_vec();
     let payload = std::fs::read(args.require("send")?)?;
     let out_path = args.require("out")?;
+    let ready = args.get("ready");
+    let go = args.get("go").map(std::path::Path::new);
     let timeout = Duration::from_secs(args.number("timeout")?.unwrap_or(600));
     let started = Instant::now();
 
@@ -50,22 +54,30 @@ pub fn console_peer(args: &Args) -> Result<()> {
             Err(error) => return Err(format!("{path}: {error}").into()),
         }
     };
-    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
     let mut out = std::fs::File::create(out_path)?;
     let mut seen = Vec::new();
+    let mut marker_seen = false;
     let mut sent = false;
     let mut chunk = [0u8; 4096];
     while started.elapsed() < timeout {
+        if marker_seen && !sent && go.is_none_or(|go| go.exists()) {
+            stream.write_all(&payload)?;
+            sent = true;
+            eprintln!("[console-peer] {path}: sent {} bytes", payload.len());
+        }
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 out.write_all(&chunk[..n])?;
                 out.flush()?;
                 seen.extend_from_slice(&chunk[..n]);
-                if !sent && seen.windows(marker.len()).any(|w| w == marker) {
-                    stream.write_all(&payload)?;
-                    sent = true;
-                    eprintln!("[console-peer] marker seen, sent {} bytes", payload.len());
+                if !marker_seen && seen.windows(marker.len()).any(|w| w == marker) {
+                    marker_seen = true;
+                    eprintln!("[console-peer] {path}: marker seen");
+                    if let Some(ready) = ready {
+                        std::fs::File::create(ready).map_err(|e| format!("{ready}: {e}"))?;
+                    }
                 }
             }
             Err(e)
@@ -78,7 +90,7 @@ pub fn console_peer(args: &Args) -> Result<()> {
         }
     }
     eprintln!(
-        "[console-peer] done: {} bytes received, payload {}",
+        "[console-peer] {path}: done: {} bytes received, payload {}",
         seen.len(),
         if sent {
             "sent"

@@ -1,14 +1,52 @@
 # Runs inside L1 (arm64 Linux with KVM, under QEMU TCG): plays the root zone. Starts the
-# stand-in (hvisor's role) and the daemon, lets the L2 guest run its checks, then checks what
-# only L1 can see. Binaries and the L2 kernel/initramfs are in /usr/bin.
+# stand-in (hvisor's role) and the daemon, lets the L2 guests run their checks, then checks what
+# only L1 can see. Two runs: one zone with every device type, then two zones (three vCPUs) on
+# one bridge page and one daemon. Binaries and the L2 kernel/initramfs are in /usr/bin; the
+# host's images are L1 disks told apart by their serial.
 B=/usr/bin
 F=0
 ok() { echo "ok: L1: $*"; }
 fail() { echo "FAIL: L1: $*"; F=$((F + 1)); }
+info() { echo "info: L1: $*"; }
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN{printf "%.1f", b-a}'; }
+disk() { # SERIAL -> /dev/vdX
+  for d in /sys/block/vd*; do [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && echo "/dev/${d##*/}"; done
+}
 cd /tmp
 [ -c /dev/kvm ] && ok "/dev/kvm present" || { fail "no /dev/kvm in L1 (is QEMU run with virtualization=on?)"; exit 1; }
-[ -b /dev/vda ] || { fail "no /dev/vda in L1 (the host's image)"; exit 1; }
+DISK=$(disk single); Z1DISK=$(disk zone1); Z2DISK=$(disk zone2)
+[ -b "$DISK" ] && [ -b "$Z1DISK" ] && [ -b "$Z2DISK" ] \
+  || { fail "host images missing in L1: single='$DISK' zone1='$Z1DISK' zone2='$Z2DISK'"; exit 1; }
+Q=quiet; grep -q "nested.l2verbose=1" /proc/cmdline && Q="loglevel=7"
+L2ARGS="earlycon=uart8250,mmio,0x9000000 keep_bootcon printk.devkmsg=on panic=-1 $Q rdinit=/init"
+# Bounds of one stand-in run: a guest stuck on a lost interrupt never powers off. On SIGTERM
+# the stand-in prints what every vCPU did and was waiting for, and exits 1.
+RUN_TIMEOUT=$(sed -n 's/.*nested\.run_timeout=\([0-9]*\).*/\1/p' /proc/cmdline); RUN_TIMEOUT=${RUN_TIMEOUT:-400}
+# A synchronous answer later than this is an error naming the CPU and register (hvisor would
+# spin forever).
+STANDIN="$B/hvisor-standin run --answer-timeout 60 --kernel $B/Image --initrd $B/l2.cpio.gz"
 
+# Waits for the stand-in ($1) to end, then for the daemon ($2) to follow; NAME is $3.
+finish_run() {
+  wait "$1"; SRC=$?
+  [ $SRC = 0 ] && ok "$3: stand-in exited 0 (guests powered off)" || fail "$3: stand-in exited with status $SRC"
+  i=0; while kill -0 "$2" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  if kill -0 "$2" 2>/dev/null; then fail "$3: daemon still running 10 s after the hypervisor socket closed"; kill "$2"; fi
+  wait "$2"; DRC=$?
+  [ $DRC = 0 ] && ok "$3: daemon exited 0 after the hypervisor closed" || fail "$3: daemon exited with status $DRC"
+}
+# Compares what a console peer recorded with MARKER + the guest's `seq FROM TO`.
+check_console() { # LABEL RECORDED MARKER FROM TO
+  { printf '%s\n' "$3"; seq "$4" "$5"; } > /tmp/expected.g2h
+  if cmp -s "$2" /tmp/expected.g2h; then ok "$1 console guest->host: $(wc -c < "$2") bytes exact"
+  else fail "$1 console guest->host: got $(wc -c < "$2" 2>/dev/null) bytes, expected $(wc -c < /tmp/expected.g2h) ($(head -c 80 "$2" | od -c | head -3 | tr '\n' ' '))"; fi
+}
+stop_peer() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done; kill "$1" 2>/dev/null; }
+
+###############################################################################
+# Run 1: one zone, one vCPU: blk, console, rng, net.
+echo "=== L1 run 1: one zone"
 $B/hvisor-standin mktap tap0 && ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up \
   || fail "cannot set up tap0"
 mkdir -p /srv && head -c 1048576 /dev/urandom > /srv/blob
@@ -16,11 +54,11 @@ NETSHA=$(sha256sum /srv/blob | cut -c1-64)
 httpd -p 8080 -h /srv
 seq 1 800 > /tmp/h2g.txt
 
-cat > /tmp/virtio_cfg.json <<'JSON'
+cat > /tmp/virtio_cfg.json <<JSON
 { "zones": [ { "id": 1,
   "memory_region": [ { "zone0_ipa": "0x50000000", "zonex_ipa": "0x40000000", "size": "0x20000000" } ],
   "devices": [
-    { "type": "blk", "addr": "0xa000000", "len": "0x200", "irq": 48, "img": "/dev/vda", "status": "enable" },
+    { "type": "blk", "addr": "0xa000000", "len": "0x200", "irq": 48, "img": "$DISK", "status": "enable" },
     { "type": "console", "addr": "0xa000200", "len": "0x200", "irq": 49, "socket": "/tmp/con.sock", "status": "enable" },
     { "type": "rng", "addr": "0xa000400", "len": "0x200", "irq": 50, "status": "enable" },
     { "type": "net", "addr": "0xa000600", "len": "0x200", "irq": 51, "tap": "tap0",
@@ -30,30 +68,67 @@ JSON
 $B/hvisor-standin console-peer --socket /tmp/con.sock --marker CONSOLE-READY --send /tmp/h2g.txt \
   --out /tmp/g2h.bin --timeout 400 2>/tmp/peer.log &
 PEER=$!
-Q=quiet; grep -q "nested.l2verbose=1" /proc/cmdline && Q="loglevel=7"
-CMDLINE="earlycon=uart8250,mmio,0x9000000 keep_bootcon printk.devkmsg=on panic=-1 $Q rdinit=/init nested.mode=full nested.netsha=$NETSHA"
-T0=$(cut -d' ' -f1 /proc/uptime)
-$B/hvisor-standin run --config /tmp/virtio_cfg.json --socket /tmp/hv.sock --kernel $B/Image \
-  --initrd $B/l2.cpio.gz --cmdline "$CMDLINE" 2>&1 &
+T0=$(uptime_s)
+timeout "$RUN_TIMEOUT" $STANDIN --config /tmp/virtio_cfg.json --socket /tmp/hv.sock \
+  --cmdline "$L2ARGS nested.mode=full nested.netsha=$NETSHA" 2>&1 &
 SI=$!
 # The stand-in listens first; the daemon connects like to any hypervisor socket.
 i=0; while [ ! -S /tmp/hv.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 RUST_LOG=warn $B/hvisor-vhost hvisor --config /tmp/virtio_cfg.json --hypervisor-socket /tmp/hv.sock > /tmp/daemon.log 2>&1 &
-DAEMON=$!
-wait $SI; SRC=$?
-echo "info: L1: L2 run took $(awk -v a="$T0" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN{printf "%.1f", b-a}') s (L1 clock)"
-[ $SRC = 0 ] && ok "stand-in exited 0 (guest powered off)" || fail "stand-in exited with status $SRC"
-i=0; while kill -0 $DAEMON 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-if kill -0 $DAEMON 2>/dev/null; then fail "daemon still running 10 s after the hypervisor socket closed"; kill $DAEMON; fi
-wait $DAEMON; DRC=$?
-[ $DRC = 0 ] && ok "daemon exited 0 after the hypervisor closed" || fail "daemon exited with status $DRC"
-i=0; while kill -0 $PEER 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-kill $PEER 2>/dev/null
+finish_run $SI $! "one zone"
+info "one-zone run took $(since "$T0") s (L1 clock)"
+stop_peer $PEER
+check_console "one zone:" /tmp/g2h.bin CONSOLE-READY 2000 2600
+info "one-zone daemon log (last 15 lines):"; tail -n 15 /tmp/daemon.log | sed 's/^/info: L1:   /'
+info "console peer: $(cat /tmp/peer.log | tr '\n' ' ')"
 
-printf 'CONSOLE-READY\n' > /tmp/g2h.expected; seq 2000 2600 >> /tmp/g2h.expected
-if cmp -s /tmp/g2h.bin /tmp/g2h.expected; then ok "console guest->host: $(wc -c < /tmp/g2h.bin) bytes exact"
-else fail "console guest->host: got $(wc -c < /tmp/g2h.bin 2>/dev/null) bytes, expected $(wc -c < /tmp/g2h.expected) ($(head -c 80 /tmp/g2h.bin | od -c | head -3 | tr '\n' ' '))"; fi
+###############################################################################
+# Run 2: zones 1 and 2 in one stand-in, one bridge page, one daemon. The same device addresses
+# in both zones, each zone its own interrupt numbers, disk and console. Zone 1 runs 2 vCPUs
+# (physical CPUs 1 and 2), zone 2 one (CPU 3): each vCPU answers through its own cfg_flags and
+# cfg_values entry.
+echo "=== L1 run 2: two zones"
+cat > /tmp/zones.json <<JSON
+{ "zones": [
+  { "id": 1, "memory_region": [ { "zone0_ipa": "0x50000000", "zonex_ipa": "0x40000000", "size": "0x10000000" } ],
+    "devices": [
+      { "type": "blk", "addr": "0xa000000", "len": "0x200", "irq": 48, "img": "$Z1DISK", "status": "enable" },
+      { "type": "console", "addr": "0xa000200", "len": "0x200", "irq": 49, "socket": "/tmp/z1con.sock", "status": "enable" },
+      { "type": "rng", "addr": "0xa000400", "len": "0x200", "irq": 50, "status": "enable" } ] },
+  { "id": 2, "memory_region": [ { "zone0_ipa": "0x60000000", "zonex_ipa": "0x40000000", "size": "0x10000000" } ],
+    "devices": [
+      { "type": "blk", "addr": "0xa000000", "len": "0x200", "irq": 52, "img": "$Z2DISK", "status": "enable" },
+      { "type": "console", "addr": "0xa000200", "len": "0x200", "irq": 53, "socket": "/tmp/z2con.sock", "status": "enable" },
+      { "type": "rng", "addr": "0xa000400", "len": "0x200", "irq": 54, "status": "enable" } ] } ] }
+JSON
+PEERS=""
+for z in 1 2; do
+  seq $((z * 10000 + 1)) $((z * 10000 + 800)) > /tmp/z$z.h2g
+  $B/hvisor-standin console-peer --socket "/tmp/z${z}con.sock" --marker "ZONE$z-READY" --send /tmp/z$z.h2g \
+    --out /tmp/z$z.g2h --ready /tmp/z$z.ready --go /tmp/zones.go --timeout 500 2>/tmp/z$z.peer.log &
+  PEERS="$PEERS $!"
+done
+T0=$(uptime_s)
+timeout "$RUN_TIMEOUT" $STANDIN --config /tmp/zones.json --socket /tmp/hv2.sock \
+  --cmdline "$L2ARGS nested.mode=zones nested.zone={zone}" --zone 1:1,2 --zone 2:3 2>&1 &
+SI=$!
+i=0; while [ ! -S /tmp/hv2.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+RUST_LOG=warn $B/hvisor-vhost hvisor --config /tmp/zones.json --hypervisor-socket /tmp/hv2.sock > /tmp/daemon2.log 2>&1 &
+DAEMON=$!
+# Start both zones' I/O together: release the console payloads once both guests are ready.
+i=0; while { [ ! -e /tmp/z1.ready ] || [ ! -e /tmp/z2.ready ]; } && kill -0 $SI 2>/dev/null && [ $i -lt 3000 ]; do
+  sleep 0.1; i=$((i + 1))
+done
+[ -e /tmp/z1.ready ] && [ -e /tmp/z2.ready ] && info "both zones ready after $(since "$T0") s" \
+  || fail "zones not both ready (zone 1: $([ -e /tmp/z1.ready ] && echo yes || echo no), zone 2: $([ -e /tmp/z2.ready ] && echo yes || echo no))"
+touch /tmp/zones.go
+finish_run $SI $DAEMON "two zones"
+info "two-zone run took $(since "$T0") s (L1 clock)"
+for p in $PEERS; do stop_peer $p; done
+for z in 1 2; do
+  check_console "zone $z:" /tmp/z$z.g2h "ZONE$z-READY" $((z * 10000 + 2000)) $((z * 10000 + 2100))
+  info "zone $z console peer: $(cat /tmp/z$z.peer.log | tr '\n' ' ')"
+done
+info "two-zone daemon log (last 15 lines):"; tail -n 15 /tmp/daemon2.log | sed 's/^/info: L1:   /'
 sync
-echo "info: L1: daemon log (last 15 lines):"; tail -n 15 /tmp/daemon.log | sed 's/^/info: L1:   /'
-echo "info: L1: console peer: $(cat /tmp/peer.log | tr '\n' ' ')"
 exit $F

@@ -1,13 +1,7 @@
-# The L2 guest's checks (busybox sh, stdout is /dev/kmsg). Exit status = number of failures.
-# Mode and parameters come from the kernel command line: nested.mode=full|bench, nested.netsha=SHA.
-F=0
-say() { echo "<2>L2: $*"; }
-ok() { say "ok: $*"; }
-fail() { say "FAIL: $*"; F=$((F + 1)); }
-info() { say "info: $*"; }
-value() { say "VALUE $1=$2"; }
-arg() { sed -n "s/.*nested\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
-now_cs() { awk '{printf "%d", $1 * 100}' /proc/uptime; }
+# The L2 guest's checks for one zone alone (busybox sh, stdout is /dev/kmsg). Exit status =
+# number of failures. Parameters come from the kernel command line: nested.mode=full|bench,
+# nested.netsha=SHA.
+. /l2-lib.sh
 MODE=$(arg mode); MODE=${MODE:-full}
 
 # Find the virtio-blk disk (vda in both the nested and the QEMU run).
