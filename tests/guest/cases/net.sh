@@ -74,7 +74,8 @@ FEATURES=$(cat /sys/class/net/eth0/device/features)
 info "negotiated virtio features (bit 0 first): $FEATURES"
 expect_eq "VIRTIO_NET_F_MQ (bit 22) negotiated" "$(echo "$FEATURES" | cut -c23)" 1
 expect_eq "eth0 queues" "$(ls /sys/class/net/eth0/queues | tr '\n' ' ')" "rx-0 rx-1 tx-0 tx-1 "
-ping -c 5 -w 30 "$HOST_IP" > /tmp/ping 2>&1
+# Pinned to CPU 0, so only the CPU-1 sender below can use TX queue 1.
+taskset 1 ping -c 5 -w 30 "$HOST_IP" > /tmp/ping 2>&1
 sed 's/^/info: ping: /' /tmp/ping | tail -n 3
 REPLIES=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping)
 expect_eq "ping replies" "$REPLIES" 5
@@ -100,9 +101,10 @@ expect_eq "sha256 of what the host sent" "$(sha256sum < /tmp/rx | cut -d' ' -f1)
 # queue_irqs NAME: interrupts of queue NAME (input.0, output.1, ...) summed over both CPUs
 queue_irqs() { grep -E "virtio[0-9]+-$1\$" /proc/interrupts | awk '{ print $2 + $3 }'; }
 info "queue interrupts: input.0 $(queue_irqs input.0), output.0 $(queue_irqs output.0), input.1 $(queue_irqs input.1), output.1 $(queue_irqs output.1)"
-# The data sent from CPU 1 completes on TX queue 1 (thousands of interrupts); pair 0 carries the other transfer's
-# ACKs, which NAPI batches into a few dozen interrupts, so only "some" is asked of it.
-check "queue pair 1 carried the guest's data" test "$(queue_irqs output.1)" -ge 100
+# The data sent from CPU 1 completes on TX queue 1; pair 0 carries the other transfer's ACKs. How many
+# interrupts a transfer costs depends on how the completions batch (on a loaded host a few dozen, on a quiet
+# one thousands), so TX queue 1 must only have been used well beyond what a stray packet would cost.
+check "queue pair 1 carried the guest's data" test "$(queue_irqs output.1)" -ge 10
 check "queue pair 0 carried traffic" test "$(queue_irqs input.0)" -gt 0 -a "$(queue_irqs output.0)" -gt 0
 info "eth0 counters: $(cat /sys/class/net/eth0/statistics/rx_packets) rx / $(cat /sys/class/net/eth0/statistics/tx_packets) tx packets, $(cat /sys/class/net/eth0/statistics/rx_errors) rx errors"
 EOF_GUEST
