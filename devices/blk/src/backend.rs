@@ -33,7 +33,7 @@ use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig, IoEngine};
 use crate::device::{BlockDevice, Status};
-use crate::queue::{DataPath, Inline, Reply, RequestScratch, complete, process_chain};
+use crate::request::{DataPath, Inline, Reply, RequestScratch, complete, process_chain};
 use crate::storage::{FileStorage, IoBuffers, OpenError, Storage};
 use crate::uring::{Finished, UringPath};
 use crate::virtio_blk::{

@@ -2,7 +2,7 @@
 //!
 //! [`BlockDevice`] turns one decoded request into storage operations and a status. Everything a
 //! guest can get wrong about sectors, lengths and permissions is checked here; everything it can
-//! get wrong about descriptor chains is checked in [`crate::queue`].
+//! get wrong about descriptor chains is checked in [`crate::request`].
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

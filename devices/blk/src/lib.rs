@@ -5,7 +5,7 @@
 //!
 //! Layers, from the wire down:
 //! - [`backend`]: queues, notifications, worker threads, config space;
-//! - [`queue`]: descriptor chains to validated requests;
+//! - [`request`]: descriptor chains to validated requests;
 //! - [`device`]: request semantics (ranges, read-only, flush, discard) over a [`Storage`];
 //! - [`uring`]: the io_uring data path, which runs a kick's requests concurrently;
 //! - [`storage`]: image files, block devices and in-memory disks.
@@ -13,7 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
-pub mod queue;
+pub mod request;
 pub mod storage;
 pub mod uring;
 pub mod virtio_blk;

@@ -20,7 +20,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use log::{debug, warn};
 
 use crate::device::{BlockDevice, Status};
-use crate::queue::{DataPath, Reply};
+use crate::request::{DataPath, Reply};
 use crate::storage::{IoBuffers, Storage};
 
 /// Linux refuses longer iovec lists in one READV/WRITEV; such requests are served inline.
