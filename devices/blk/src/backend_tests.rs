@@ -249,6 +249,15 @@ impl Rig {
         out
     }
 
+    /// Runs a flush on queue 0 and returns (status, used length).
+    fn flush(&mut self) -> (u8, u32) {
+        self.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()],
+        )
+    }
+
     /// Runs one request on queue 0 and returns (status, used length).
     fn request(&mut self, request_type: u32, sector: u64, buffers: &[Buffer]) -> (u8, u32) {
         self.header(request_type, sector);
@@ -431,11 +440,7 @@ fn io_uring_flush_after_a_wait_on_a_direct_image() {
             &[readable(HEADER, 16), readable(DATA, 4096), status_buffer()],
         );
         assert_eq!(write, (ok(), 1));
-        let flush = rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()],
-        );
+        let flush = rig.flush();
         assert_eq!(flush, (ok(), 1));
     }
     done.store(true, Ordering::SeqCst);
@@ -460,11 +465,7 @@ fn io_uring_keeps_validation_and_statuses() {
         &[readable(HEADER, 16), readable(DATA, 100), status_buffer()],
     );
     assert_eq!(odd, (ioerr(), 1));
-    let flush = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let flush = rig.flush();
     assert_eq!(flush, (ok(), 1));
 }
 
@@ -527,14 +528,7 @@ fn flush_get_id_and_unknown_types() {
         ..BlkConfig::memory(DISK_SIZE)
     };
     let mut rig = Rig::new(config, false);
-    assert_eq!(
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()]
-        ),
-        (ok(), 1)
-    );
+    assert_eq!(rig.flush(), (ok(), 1));
     assert_eq!(
         rig.backend
             .device()
@@ -738,11 +732,7 @@ fn storage_failures_get_ioerr(mut rig: Rig) {
         &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
     );
     assert_eq!(write, (ioerr(), 1));
-    let flush = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let flush = rig.flush();
     assert_eq!(flush, (ioerr(), 1));
     for request_type in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         range_segment(&rig, DATA, 0, 1, 0);
@@ -892,11 +882,7 @@ fn descriptor_loops_and_bad_next_indices_are_dropped() {
     assert_eq!(rig.used(0, 1).1, 0);
     assert_eq!(rig.status(), STATUS_UNTOUCHED);
     // The queue keeps working afterwards.
-    let (status, _) = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let (status, _) = rig.flush();
     assert_eq!(status, ok());
 }
 
@@ -944,11 +930,7 @@ fn readonly_disks_refuse_writes_and_offer_ro() {
         assert_eq!(status, ioerr());
     }
     // Nothing to make durable: a flush succeeds without reaching the storage.
-    let flush = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let flush = rig.flush();
     assert_eq!(flush, (ok(), 1));
     let storage = rig.backend.device().storage();
     assert_eq!(storage.faults.flushes.load(Ordering::Relaxed), 0);
@@ -960,11 +942,7 @@ fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     // used_event sits after the avail ring entries; ask to be notified only at entry 5.
     let used_event = rig.rings(0).avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
     rig.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
-    rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    rig.flush();
     assert!(
         rig.calls[0].read().is_err(),
         "notified although used_event was 5"
@@ -972,11 +950,7 @@ fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     // The device publishes avail_event so the driver knows to kick for the next request.
     assert_eq!(rig.used_ring(0).avail_event(), 1);
     for _ in 0..5 {
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()],
-        );
+        rig.flush();
     }
     assert_eq!(
         rig.calls[0].read().unwrap(),
@@ -1031,15 +1005,7 @@ fn unexpected_events_are_ignored_without_stopping_the_worker() {
     );
     assert!(rig.backend.handle_event(7, EventSet::IN, vrings, 0).is_ok());
     assert!(rig.backend.handle_event(0, EventSet::IN, vrings, 9).is_ok());
-    assert_eq!(
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()]
-        )
-        .0,
-        ok()
-    );
+    assert_eq!(rig.flush().0, ok());
 }
 
 #[test]
