@@ -1,5 +1,7 @@
-//! Descriptor chains of one-way queues (entropy requests, console receive and transmit) read as
-//! a single byte stream, without relying on how the driver split it into descriptors.
+//! Descriptor chains read as byte streams, without relying on how the driver split them into
+//! descriptors: one stream for one-way queues (entropy requests, console receive and transmit),
+//! a device-readable then a device-writable one for requests that carry an answer (block
+//! requests, network control commands), one per side for network frames.
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{
@@ -42,8 +44,56 @@ pub enum ChainError {
     Truncated(usize),
     #[error("descriptor {index} is not {expected}, as every buffer of this queue must be")]
     WrongDirection { index: usize, expected: Direction },
+    #[error("descriptor {0} is device-readable but follows a device-writable one")]
+    ReadableAfterWritable(usize),
     #[error("buffer {addr:#x}+{len} of descriptor {index} is outside guest memory")]
     OutsideMemory { index: usize, addr: u64, len: u32 },
+}
+
+/// Calls `take(index, buffer, device_writable)` for every descriptor of `chain` and returns how
+/// many there were; fails at the first error of `take`, or when the chain was cut short.
+fn walk<M>(
+    chain: DescriptorChain<M>,
+    mut take: impl FnMut(usize, Segment, bool) -> Result<(), ChainError>,
+) -> Result<usize, ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let mut count = 0;
+    let mut ends_with_next = false;
+    for descriptor in chain {
+        let segment = Segment {
+            addr: descriptor.addr(),
+            len: descriptor.len(),
+        };
+        take(count, segment, descriptor.is_write_only())?;
+        ends_with_next = descriptor.has_next();
+        count += 1;
+    }
+    // The iterator stops silently on a bad link; a chain whose last descriptor still says NEXT
+    // was cut short (an empty chain is only possible that way too).
+    if count == 0 || ends_with_next {
+        return Err(ChainError::Truncated(count));
+    }
+    Ok(count)
+}
+
+/// Fails unless the buffer of descriptor `index` lies wholly in guest memory.
+fn check_in_memory(
+    mem: &GuestMemoryMmap,
+    index: usize,
+    segment: Segment,
+) -> Result<(), ChainError> {
+    if GuestMemoryBackend::check_range(mem, segment.addr, segment.len as usize) {
+        Ok(())
+    } else {
+        Err(ChainError::OutsideMemory {
+            index,
+            addr: segment.addr.raw_value(),
+            len: segment.len,
+        })
+    }
 }
 
 /// Collects the buffers of `chain` into `segments` (cleared first) and returns their total
@@ -60,41 +110,58 @@ where
     M::Target: GuestMemory,
 {
     segments.clear();
-    let mut count = 0;
-    let mut total = 0u64;
-    let mut ends_with_next = false;
-    for descriptor in chain {
-        let writable = descriptor.is_write_only();
+    walk(chain, |index, segment, writable| {
         if writable != (expected == Direction::DeviceWritable) {
-            return Err(ChainError::WrongDirection {
-                index: count,
-                expected,
-            });
+            return Err(ChainError::WrongDirection { index, expected });
         }
-        let segment = Segment {
-            addr: descriptor.addr(),
-            len: descriptor.len(),
-        };
-        if !GuestMemoryBackend::check_range(mem, segment.addr, segment.len as usize) {
-            return Err(ChainError::OutsideMemory {
-                index: count,
-                addr: segment.addr.raw_value(),
-                len: segment.len,
-            });
-        }
+        check_in_memory(mem, index, segment)?;
         if segment.len > 0 {
             segments.push(segment);
-            total += u64::from(segment.len);
         }
-        ends_with_next = descriptor.has_next();
-        count += 1;
-    }
-    // The iterator stops silently on a bad link; a chain whose last descriptor still says NEXT
-    // was cut short (an empty chain is only possible that way too).
-    if count == 0 || ends_with_next {
-        return Err(ChainError::Truncated(count));
-    }
-    Ok(total)
+        Ok(())
+    })?;
+    Ok(total_len(segments))
+}
+
+/// Appends the non-empty buffers of `chain` to `readable` (the device-readable ones, which
+/// come first) and `writable` (the device-writable ones after them).
+///
+/// With `check_memory`, every buffer must lie wholly in it. Without, the caller checks each
+/// buffer as it uses it, e.g. to answer a request whose data lies outside guest memory with an
+/// error status rather than drop it.
+pub fn split_chain<M>(
+    chain: DescriptorChain<M>,
+    check_memory: Option<&GuestMemoryMmap>,
+    readable: &mut Vec<Segment>,
+    writable: &mut Vec<Segment>,
+) -> Result<(), ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let writable_before = writable.len();
+    walk(chain, |index, segment, device_writable| {
+        if !device_writable && writable.len() > writable_before {
+            return Err(ChainError::ReadableAfterWritable(index));
+        }
+        if let Some(mem) = check_memory {
+            check_in_memory(mem, index, segment)?;
+        }
+        if segment.len > 0 {
+            if device_writable {
+                writable.push(segment);
+            } else {
+                readable.push(segment);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Bytes in all `segments`.
+pub fn total_len(segments: &[Segment]) -> u64 {
+    segments.iter().map(|segment| u64::from(segment.len)).sum()
 }
 
 /// The pieces of `segments` that cover stream bytes `skip..skip + len`, as (guest address,

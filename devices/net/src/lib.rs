@@ -7,12 +7,10 @@
 //!
 //! Layers, from the wire down:
 //! - [`backend`]: queues, notifications, worker threads, control queue, config space;
-//! - `chain`: descriptor chains to validated guest buffers;
 //! - [`tap`]: the TAP queues (and the small trait tests replace them through);
 //! - [`virtio_net`]: header and config layouts, feature-to-TAP mapping.
 
 pub mod backend;
-mod chain;
 pub mod config;
 pub mod tap;
 pub mod virtio_net;
