@@ -32,9 +32,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest, blk};
-use hvisor_vhost::hvisor::mmio::{MAGIC_VALUE, reg};
-use hvisor_vhost::hvisor::server::DEFAULT_POLL;
+use hvisor_sim::guest::MmioGuest;
+use hvisor_transport::mmio::{MAGIC_VALUE, reg};
+use hvisor_transport::server::DEFAULT_POLL;
+use virtio_driver::{Buffer, DriverQueue, blk};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 

@@ -10,10 +10,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use hvisor_vhost::hvisor::abi::DeviceRes;
-use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest};
-use hvisor_vhost::hvisor::mmio::reg;
+use hvisor_sim::guest::MmioGuest;
+use hvisor_transport::abi::DeviceRes;
+use hvisor_transport::mmio::reg;
 use support::hvisor::*;
+use virtio_driver::{Buffer, DriverQueue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const ZONE: u32 = 1;

@@ -8,7 +8,7 @@ mod support;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::vhost_user::{STOP_BOUND, STOP_TIMED_OUT_STATUS};
+use hvisor_vhost_core::stop::{STOP_BOUND, STOP_TIMED_OUT_STATUS};
 use support::daemon::Daemon;
 use support::frontend::{DriverConfig, VhostUserDriver};
 

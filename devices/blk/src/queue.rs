@@ -6,7 +6,7 @@
 //! Every malformed chain is answered with IOERR when a status byte can be written, and is
 //! returned with a used length of 0 (and a log line) when it cannot.
 
-use hvisor_vhost_device::chain::{self, Segment, stream_parts};
+use hvisor_vhost_core::chain::{self, Segment, stream_parts};
 use log::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::{

@@ -21,7 +21,7 @@ use super::mmio::MmioRegisters;
 use super::port::{HypervisorPort, PortError};
 use super::ring::{RequestConsumer, answer};
 use super::sync::Ordering;
-use crate::vhost_user::StopSignal;
+use hvisor_vhost_core::stop::StopSignal;
 
 /// Busy-poll window after the last request before sleeping: long enough to catch the next
 /// register access of a driver's probe or I/O burst, short enough to idle at ~0% CPU.

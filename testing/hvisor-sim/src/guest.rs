@@ -4,18 +4,18 @@
 
 use std::time::Duration;
 
+use hvisor_transport::config::{DeviceKind, VirtioConfig};
+use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
+use virtio_driver::blk::{self, RequestBuffers};
+use virtio_driver::{DriverError, DriverQueue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::config::{DeviceKind, VirtioConfig};
-use super::mmio::{MAGIC_VALUE, VERSION, reg};
-use super::simulator::{SimError, Simulator};
+use crate::{SimError, Simulator};
 
 const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -29,10 +29,10 @@ pub enum GuestError {
     QueueTooSmall { index: u32, max: u32, wanted: u16 },
     #[error("queue {0} did not become ready (the device refused its setup)")]
     QueueRefused(u32),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
-    #[error("queue is full")]
-    QueueFull,
     #[error(
         "blk round {round}: data read back differs (write status {written}, read status {read})"
     )]
@@ -181,144 +181,13 @@ impl<'a> MmioGuest<'a> {
     }
 }
 
-/// The driver's side of a split virtqueue in guest memory.
-pub struct DriverQueue {
-    pub index: u32,
-    pub size: u16,
-    pub desc: GuestAddress,
-    pub avail: GuestAddress,
-    pub used: GuestAddress,
-    free: Vec<u16>,
-    next_avail: u16,
-    last_used: u16,
-    /// Descriptor count of each chain in flight, by head.
-    chain_lengths: Vec<u16>,
-}
-
-/// A buffer of a chain: guest address, length, and whether the device writes it.
-#[derive(Clone, Copy, Debug)]
-pub struct Buffer {
-    pub addr: GuestAddress,
-    pub len: u32,
-    pub device_writable: bool,
-}
-
-impl DriverQueue {
-    /// Bytes a queue of `size` entries occupies from its start (rings page aligned).
-    pub fn footprint(size: u16) -> u64 {
-        let size = u64::from(size);
-        let align = |value: u64| value.next_multiple_of(4096);
-        align(16 * size) + align(6 + 2 * size) + align(6 + 8 * size)
-    }
-
-    fn new(index: u32, size: u16, at: GuestAddress) -> Self {
-        let entries = u64::from(size);
-        let desc = at;
-        let avail = GuestAddress((at.0 + 16 * entries).next_multiple_of(4096));
-        let used = GuestAddress((avail.0 + 6 + 2 * entries).next_multiple_of(4096));
-        DriverQueue {
-            index,
-            size,
-            desc,
-            avail,
-            used,
-            free: (0..size).rev().collect(),
-            next_avail: 0,
-            last_used: 0,
-            chain_lengths: vec![0; usize::from(size)],
-        }
-    }
-
-    /// Zeroes the rings; call before `setup_queue` on reused memory.
-    pub fn clear(memory: &GuestMemoryMmap, size: u16, at: GuestAddress) -> Result<(), GuestError> {
-        memory.write_slice(&vec![0u8; Self::footprint(size) as usize], at)?;
-        Ok(())
-    }
-
-    /// Publishes a chain; returns its head.
-    pub fn add(&mut self, memory: &GuestMemoryMmap, buffers: &[Buffer]) -> Result<u16, GuestError> {
-        if buffers.is_empty() || buffers.len() > self.free.len() {
-            return Err(GuestError::QueueFull);
-        }
-        let indices: Vec<u16> = (0..buffers.len()).filter_map(|_| self.free.pop()).collect();
-        for (position, (buffer, &index)) in buffers.iter().zip(&indices).enumerate() {
-            let next = indices.get(position + 1).copied();
-            let mut flags = if buffer.device_writable {
-                DESC_F_WRITE
-            } else {
-                0
-            };
-            if next.is_some() {
-                flags |= DESC_F_NEXT;
-            }
-            let at = self.desc.unchecked_add(16 * u64::from(index));
-            memory.write_obj(buffer.addr.0.to_le(), at)?;
-            memory.write_obj(buffer.len.to_le(), at.unchecked_add(8))?;
-            memory.write_obj(flags.to_le(), at.unchecked_add(12))?;
-            memory.write_obj(next.unwrap_or(0).to_le(), at.unchecked_add(14))?;
-        }
-        let head = indices[0];
-        self.chain_lengths[usize::from(head)] = buffers.len() as u16;
-        let slot = u64::from(self.next_avail % self.size);
-        memory.write_obj(head.to_le(), self.avail.unchecked_add(4 + 2 * slot))?;
-        self.next_avail = self.next_avail.wrapping_add(1);
-        // Release: the descriptors and ring entry are written before the index that
-        // publishes them (the device reads the index, then fences).
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        memory.write_obj(self.next_avail.to_le(), self.avail.unchecked_add(2))?;
-        Ok(head)
-    }
-
-    /// Takes the next completed chain: (head, used length).
-    pub fn pop_used(&mut self, memory: &GuestMemoryMmap) -> Result<Option<(u16, u32)>, GuestError> {
-        let used_idx = u16::from_le(memory.read_obj(self.used.unchecked_add(2))?);
-        if used_idx == self.last_used {
-            return Ok(None);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let slot = u64::from(self.last_used % self.size);
-        let element = self.used.unchecked_add(4 + 8 * slot);
-        let head = u32::from_le(memory.read_obj(element)?) as u16;
-        let len = u32::from_le(memory.read_obj(element.unchecked_add(4))?);
-        self.last_used = self.last_used.wrapping_add(1);
-        // used_event (EVENT_IDX): interrupt me again for the next completion.
-        let used_event = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
-        memory.write_obj(self.last_used.to_le(), used_event)?;
-        let count = usize::from(self.chain_lengths[usize::from(head) % usize::from(self.size)]);
-        let mut index = head;
-        for _ in 0..count {
-            self.free.push(index);
-            let flags =
-                u16::from_le(memory.read_obj(self.desc.unchecked_add(16 * u64::from(index) + 12))?);
-            if flags & DESC_F_NEXT == 0 {
-                break;
-            }
-            index =
-                u16::from_le(memory.read_obj(self.desc.unchecked_add(16 * u64::from(index) + 14))?);
-        }
-        Ok(Some((head, len)))
-    }
-}
-
-/// virtio-blk request types and status values used by [`BlkGuest`].
-pub mod blk {
-    pub const T_IN: u32 = 0;
-    pub const T_OUT: u32 = 1;
-    pub const T_FLUSH: u32 = 4;
-    pub const S_OK: u8 = 0;
-    pub const DEVICE_ID: u32 = 2;
-}
-
 /// A virtio-blk driver over one device window: one queue, one request at a time.
 pub struct BlkGuest<'a> {
     pub mmio: MmioGuest<'a>,
     pub queue: DriverQueue,
     pub features: u64,
     memory: &'a GuestMemoryMmap,
-    header: GuestAddress,
-    status: GuestAddress,
-    data: GuestAddress,
-    data_len: u32,
+    buffers: RequestBuffers,
 }
 
 impl<'a> BlkGuest<'a> {
@@ -346,21 +215,20 @@ impl<'a> BlkGuest<'a> {
         }
         const VERSION_1: u64 = 1 << 32;
         const EVENT_IDX: u64 = 1 << 29;
-        const FLUSH: u64 = 1 << 9;
-        let features = mmio.initialize(VERSION_1 | EVENT_IDX | FLUSH)?;
+        let features = mmio.initialize(VERSION_1 | EVENT_IDX | blk::F_FLUSH)?;
         DriverQueue::clear(memory, queue_size, scratch)?;
         let queue = mmio.setup_queue(0, queue_size, scratch)?;
         mmio.driver_ok()?;
-        let header = scratch.unchecked_add(DriverQueue::footprint(queue_size));
+        let buffers = RequestBuffers::at(
+            scratch.unchecked_add(DriverQueue::footprint(queue_size)),
+            data_len,
+        );
         Ok(BlkGuest {
             mmio,
             queue,
             features,
             memory,
-            header,
-            status: header.unchecked_add(16),
-            data: header.unchecked_add(4096),
-            data_len,
+            buffers,
         })
     }
 
@@ -372,28 +240,9 @@ impl<'a> BlkGuest<'a> {
         sector: u64,
         data: Option<(u32, bool)>,
     ) -> Result<(u8, u32), GuestError> {
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&request_type.to_le_bytes());
-        header[8..].copy_from_slice(&sector.to_le_bytes());
-        self.memory.write_slice(&header, self.header)?;
-        self.memory.write_obj(0xffu8, self.status)?;
-        let mut chain = vec![Buffer {
-            addr: self.header,
-            len: 16,
-            device_writable: false,
-        }];
-        if let Some((len, device_writable)) = data {
-            chain.push(Buffer {
-                addr: self.data,
-                len,
-                device_writable,
-            });
-        }
-        chain.push(Buffer {
-            addr: self.status,
-            len: 1,
-            device_writable: true,
-        });
+        let chain = self
+            .buffers
+            .chain(self.memory, request_type, sector, data)?;
         let head = self.queue.add(self.memory, &chain)?;
         self.mmio.notify(self.queue.index)?;
         // As Linux does: take the interrupt, acknowledge it, then reap the used ring.
@@ -410,8 +259,7 @@ impl<'a> BlkGuest<'a> {
                 }
             }
             if let Some(len) = completed {
-                let status = self.memory.read_obj(self.status)?;
-                return Ok((status, len));
+                return Ok((self.buffers.status(self.memory)?, len));
             }
         }
     }
@@ -420,17 +268,18 @@ impl<'a> BlkGuest<'a> {
     pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8, GuestError> {
         let len = u32::try_from(data.len())
             .unwrap_or(u32::MAX)
-            .min(self.data_len);
-        self.memory.write_slice(&data[..len as usize], self.data)?;
+            .min(self.buffers.data_len);
+        self.memory
+            .write_slice(&data[..len as usize], self.buffers.data)?;
         Ok(self.request(blk::T_OUT, sector, Some((len, false)))?.0)
     }
 
     /// Reads `len` bytes (at most the data buffer) at `sector`.
     pub fn read(&mut self, sector: u64, len: u32) -> Result<(u8, Vec<u8>), GuestError> {
-        let len = len.min(self.data_len);
+        let len = len.min(self.buffers.data_len);
         let (status, _) = self.request(blk::T_IN, sector, Some((len, true)))?;
         let mut data = vec![0u8; len as usize];
-        self.memory.read_slice(&mut data, self.data)?;
+        self.memory.read_slice(&mut data, self.buffers.data)?;
         Ok((status, data))
     }
 

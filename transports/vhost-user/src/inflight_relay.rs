@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use hvisor_vhost_device::inflight::{InflightRegion, create_region_file};
+use hvisor_vhost_core::inflight::{InflightRegion, create_region_file};
 use log::{info, warn};
 use vhost::vhost_user::message::FrontendReq;
 
@@ -206,7 +206,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::sync::Mutex;
 
-    use hvisor_vhost_device::inflight::region_size;
+    use hvisor_vhost_core::inflight::region_size;
     use vhost::vhost_user::message::{VhostUserInflight, VhostUserU64};
     use vm_memory::ByteValued;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;

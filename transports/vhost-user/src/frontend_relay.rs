@@ -38,7 +38,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::inflight_relay::InflightRelay;
 use crate::memory_backing::{FaultWatch, RegionFile, drain_fault_event};
-use crate::vhost_user::wait_readable;
+use crate::wait_readable;
 
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;

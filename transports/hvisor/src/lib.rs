@@ -6,19 +6,19 @@
 //! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
 //! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
-//! - [`devices`]: which device crate serves which JSON type;
-//! - [`simulator`]: hvisor's side, played in software for tests and workstations, and
-//!   [`guest`]: a virtio-mmio driver that plays a zone's guest over it.
+//! - [`devices`]: the devices of the configuration, opened before the hand-off and started
+//!   behind virtio-mmio once zone RAM is mapped.
+//!
+//! hvisor's side played in software, for tests and workstations, is the `hvisor-sim` crate
+//! under `testing/`.
 
 pub use hvisor_bridge::{abi, ring, sync};
 
 pub mod config;
 pub mod devices;
 mod file_kind;
-pub mod guest;
 pub mod handoff;
 pub mod interrupt;
 pub mod mmio;
 pub mod port;
 pub mod server;
-pub mod simulator;

@@ -89,5 +89,6 @@ pub mod exit;
 pub mod inflight;
 pub mod log_limit;
 pub mod queue;
+pub mod stop;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

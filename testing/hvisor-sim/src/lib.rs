@@ -6,6 +6,10 @@
 //! the daemon runs exactly the code it runs on hvisor, in another thread or another process.
 //! Guest accesses follow hvisor's trampoline: fill the slot, release fence, store `req_rear`,
 //! `fence(SeqCst)`, check `need_wakeup`; synchronous accesses spin on `cfg_flags[cpu]`.
+//!
+//! [`guest`] plays a zone's guest over it: a virtio-mmio driver with virtio-blk requests.
+
+pub mod guest;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -23,14 +27,14 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::abi::{
+use hvisor_transport::abi::{
     BRIDGE_MAP_SIZE, DeviceReq, DeviceRes, MAX_CPUS, QUEUE_NOTIFY_OFFSET, VirtioBridge,
 };
-use super::config::VirtioConfig;
-use super::handoff::{self, DaemonReply, HypervisorHello, RamWindow};
-use super::port::BridgeMapping;
-use super::ring::HypervisorSide;
-use super::sync::Ordering;
+use hvisor_transport::config::VirtioConfig;
+use hvisor_transport::handoff::{self, DaemonReply, HypervisorHello, RamWindow};
+use hvisor_transport::port::BridgeMapping;
+use hvisor_transport::ring::HypervisorSide;
+use hvisor_transport::sync::Ordering;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {

@@ -1,29 +1,37 @@
 //! The vhost-user transport: serve any device backend to one frontend at a time, on one socket,
-//! across frontend reconnects, until a stop is requested; and the termination-signal handling
-//! both transports share, which bounds how long a stop may take.
+//! across frontend reconnects, until a stop is requested.
+//!
+//! - this file: the accept/serve loop, one `VhostUserDaemon` per connection;
+//! - [`frontend_relay`]: every frontend message, checked (and refused) before
+//!   vhost-user-backend sees it; [`inflight_relay`] answers the inflight-region requests the
+//!   crate refuses itself;
+//! - [`memory_backing`]: guest memory files, their size checks and SIGBUS recovery.
+
+mod frontend_relay;
+mod inflight_relay;
+mod memory_backing;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::frontend_relay;
 use crate::inflight_relay::InflightRelay;
 use crate::memory_backing::FaultWatch;
-use hvisor_vhost_device::exit::WorkerExitEvents;
-use hvisor_vhost_device::queue::QueueFault;
-use hvisor_vhost_device::{EventRegistry, VirtioDevice};
+use hvisor_vhost_core::exit::WorkerExitEvents;
+use hvisor_vhost_core::queue::QueueFault;
+use hvisor_vhost_core::stop::{Closer, StopSignal};
+use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -36,192 +44,6 @@ pub enum ServeError {
     Events(io::Error),
     #[error("waiting for a frontend on {path}: {source}")]
     Poll { path: PathBuf, source: io::Error },
-}
-
-/// How long a stop may take once a termination signal asked for it: long enough to finish
-/// in-flight requests and flush a disk, short enough that a stuck worker cannot keep the
-/// process (and its socket, its TAP, its images) alive.
-pub const STOP_BOUND: Duration = Duration::from_secs(5);
-/// Exit status of a process whose stop did not finish within [`STOP_BOUND`] (EX_SOFTWARE).
-pub const STOP_TIMED_OUT_STATUS: i32 = 70;
-/// How long the report of an unfinished stop may take to be logged before the process exits
-/// without it (a stderr nobody drains blocks the logger).
-const REPORT_GRACE: Duration = Duration::from_secs(1);
-
-/// Asks a serving loop to stop: wakes it while it waits for a frontend, and closes the
-/// connection of the frontend it serves.
-pub struct StopSignal {
-    requested: AtomicBool,
-    wake: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
-    /// The step the serving code is in, for the report of a stop that does not finish.
-    waiting_for: Mutex<&'static str>,
-}
-
-impl StopSignal {
-    pub fn new() -> io::Result<Arc<Self>> {
-        Ok(Arc::new(StopSignal {
-            requested: AtomicBool::new(false),
-            wake: EventFd::new(EFD_NONBLOCK)?,
-            connection: Mutex::new(None),
-            waiting_for: Mutex::new("the serving loop to notice the stop"),
-        }))
-    }
-
-    /// Records what a stop would wait for from now on (e.g. "the queue workers to finish
-    /// their batches").
-    pub fn set_waiting_for(&self, what: &'static str) {
-        *self
-            .waiting_for
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = what;
-    }
-
-    /// What the stop waits for; never blocks (the lock is only held for an assignment).
-    fn waiting_for(&self) -> &'static str {
-        match self.waiting_for.try_lock() {
-            Ok(what) => *what,
-            Err(TryLockError::Poisoned(poisoned)) => *poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => "(being updated)",
-        }
-    }
-
-    pub fn request(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Err(error) = self.wake.write(1) {
-            warn!("cannot wake the serving loop: {error}");
-        }
-        if let Some(connection) = self.lock_connection().as_ref() {
-            connection.shutdown();
-        }
-    }
-
-    /// Readable once a stop was requested.
-    pub fn wake_fd(&self) -> std::os::fd::RawFd {
-        self.wake.as_raw_fd()
-    }
-
-    pub fn is_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
-    }
-
-    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
-        self.connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records the live connection; closes it at once if a stop came first.
-    fn set_connection(&self, connection: Option<ShutdownHandle>) {
-        let mut slot = self.lock_connection();
-        *slot = connection;
-        // Checked under the lock: `request` either sees this handle or has already set the
-        // flag we read here.
-        if self.is_requested() {
-            if let Some(connection) = slot.as_ref() {
-                connection.shutdown();
-            }
-        }
-    }
-}
-
-/// Stops `stop` on the first SIGINT or SIGTERM, and bounds the stop: a process still running
-/// [`STOP_BOUND`] later, or when a second signal comes, logs what the stop waits for and
-/// exits with [`STOP_TIMED_OUT_STATUS`] whatever its threads are doing.
-///
-/// No final flush is attempted then: writes the device completed are in the page cache and
-/// survive the process, every flush a driver asked for was answered only once done, and a
-/// worker that does not finish is most likely stuck on the storage itself, where a flush from
-/// here would block the exit this bound guarantees.
-pub fn stop_on_termination_signals(stop: Arc<StopSignal>) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut signals = signals.forever();
-            let Some(signal) = signals.next() else {
-                return;
-            };
-            info!("signal {signal} received: finishing in-flight requests and stopping");
-            stop.request();
-            let watchdog = {
-                let stop = stop.clone();
-                std::thread::Builder::new()
-                    .name("stop-watchdog".into())
-                    .spawn(move || {
-                        std::thread::sleep(STOP_BOUND);
-                        exit_unfinished(&stop, &format!("not stopped within {STOP_BOUND:?}"));
-                    })
-            };
-            if let Err(error) = watchdog {
-                warn!("the stop is not bounded: cannot start its watchdog: {error}");
-            }
-            if let Some(signal) = signals.next() {
-                exit_unfinished(&stop, &format!("signal {signal} received again"));
-            }
-        })?;
-    Ok(())
-}
-
-/// Ends the process with [`STOP_TIMED_OUT_STATUS`], after logging `why`, what the stop waits
-/// for and the state of every thread. Takes no lock a stuck thread may hold: a timer ends the
-/// process anyway if logging blocks.
-fn exit_unfinished(stop: &StopSignal, why: &str) -> ! {
-    let timer = std::thread::Builder::new()
-        .name("exit-timer".into())
-        .spawn(|| {
-            std::thread::sleep(REPORT_GRACE);
-            exit_now()
-        });
-    // Without the timer, a blocked logger would hold the exit: the report is left out.
-    if timer.is_ok() {
-        error!(
-            "{why}: exiting with status {STOP_TIMED_OUT_STATUS}; the stop waits for {}; \
-             threads: {}",
-            stop.waiting_for(),
-            thread_states()
-        );
-    }
-    exit_now()
-}
-
-fn exit_now() -> ! {
-    // SAFETY: _exit has no preconditions; it ends the process without running destructors or
-    // atexit handlers, which could wait for locks the stuck threads hold.
-    unsafe { libc::_exit(STOP_TIMED_OUT_STATUS) }
-}
-
-/// Every thread of this process as `name[tid] state wait-channel`, from /proc (no lock of ours
-/// is taken): shows which worker is stuck and where.
-fn thread_states() -> String {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return "(unreadable)".into();
-    };
-    let read = |task: &Path, file: &str| {
-        std::fs::read_to_string(task.join(file)).unwrap_or_else(|_| "?".into())
-    };
-    let mut states: Vec<String> = tasks
-        .flatten()
-        .map(|task| {
-            let path = task.path();
-            let stat = read(&path, "stat");
-            // The state follows the parenthesised name, which may itself hold spaces.
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.split(' ').next())
-                .unwrap_or("?")
-                .to_owned();
-            format!(
-                "{}[{}] {state} {}",
-                read(&path, "comm").trim_end(),
-                task.file_name().to_string_lossy(),
-                read(&path, "wchan").trim_end()
-            )
-        })
-        .collect();
-    states.sort();
-    states.join(", ")
 }
 
 /// A vhost-user-backend worker's epoll set, offered to the device.
@@ -266,8 +88,7 @@ fn wait_for_frontend(listener: &Listener, stop: &StopSignal) -> io::Result<Wakeu
         if stop.is_requested() {
             return Ok(Wakeup::Stop);
         }
-        let [frontend, stop_requested] =
-            wait_readable([listener.as_raw_fd(), stop.wake.as_raw_fd()])?;
+        let [frontend, stop_requested] = wait_readable([listener.as_raw_fd(), stop.wake_fd()])?;
         if stop_requested {
             return Ok(Wakeup::Stop);
         }
@@ -442,7 +263,8 @@ where
     };
     info!("{name}: frontend connected");
     stop.set_waiting_for("the frontend connection to end");
-    stop.set_connection(connection.daemon.shutdown_handle());
+    let shutdown = connection.daemon.shutdown_handle();
+    stop.set_closer(shutdown.map(|handle| Box::new(move || handle.shutdown()) as Closer));
     match connection.daemon.wait() {
         Ok(()) => info!("{name}: frontend disconnected"),
         Err(vhost_user_backend::Error::HandleRequest(
@@ -450,7 +272,7 @@ where
         )) => info!("{name}: frontend disconnected"),
         Err(error) => warn!("{name}: frontend connection ended: {error}"),
     }
-    stop.set_connection(None);
+    stop.set_closer(None);
     if relay.join().is_err() {
         warn!("{name}: the frontend relay panicked");
     }

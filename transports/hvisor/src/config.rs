@@ -102,6 +102,18 @@ pub enum DeviceKind {
     },
 }
 
+impl DeviceKind {
+    /// The JSON `type` of the device.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::Blk { .. } => "blk",
+            DeviceKind::Net { .. } => "net",
+            DeviceKind::Console { .. } => "console",
+            DeviceKind::Rng { .. } => "rng",
+        }
+    }
+}
+
 /// Where in the file a problem is; displayed as
 /// `file: zones[0] (zone id 1), devices[2], field "addr"`.
 #[derive(Debug, Clone, PartialEq, Eq)]

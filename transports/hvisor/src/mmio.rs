@@ -34,9 +34,9 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{FaultHandler, QueueFault};
-use hvisor_vhost_device::{EventRegistry, VirtioDevice};
+use hvisor_vhost_core::log_limit::LogLimiter;
+use hvisor_vhost_core::queue::{FaultHandler, QueueFault};
+use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 
 use super::interrupt::{Injector, InterruptLine};
 
