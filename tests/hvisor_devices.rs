@@ -318,7 +318,7 @@ fn packet_socket(name: &std::ffi::CStr) -> TestResult<OwnedFd> {
     let bound = unsafe {
         libc::bind(
             socket.as_raw_fd(),
-            (&address as *const libc::sockaddr_ll).cast(),
+            (&raw const address).cast(),
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
@@ -343,7 +343,7 @@ fn receive_frame(socket: &OwnedFd, wanted: impl Fn(&[u8]) -> bool) -> TestResult
             revents: 0,
         };
         // SAFETY: `poll` is one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut poll, 1, left.as_millis() as i32) } <= 0 {
+        if unsafe { libc::poll(&raw mut poll, 1, left.as_millis() as i32) } <= 0 {
             continue;
         }
         // SAFETY: `frame` is writable for its whole length.

@@ -1,6 +1,6 @@
 //! The hvisor transport end to end, in one process: the simulator plays hvisor and a zone's
 //! guest, the daemon's request loop serves it over the hand-off socket. Covers the
-//! virtio-mmio register file against the C daemon's known gaps (hvisor-abi.md 5.1 and 5.6),
+//! virtio-mmio register file against the C daemon's known gaps (docs/hvisor-abi.md 5.1 and 5.6),
 //! the answering rule of the request ring (3.3, 3.4), interrupt delivery (3.5) and shutdown.
 
 mod support;

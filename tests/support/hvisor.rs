@@ -351,7 +351,7 @@ impl ResultGate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
         self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn pause(&self) {
@@ -618,7 +618,7 @@ impl log::Log for Capture {
         if record.level() <= log::Level::Warn {
             WARNINGS
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(line);
         }
     }
@@ -646,7 +646,7 @@ pub fn logged(parts: &[&str]) -> bool {
 pub fn logged_count(parts: &[&str]) -> usize {
     WARNINGS
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
         .filter(|line| parts.iter().all(|part| line.contains(part)))
         .count()

@@ -450,7 +450,7 @@ impl Console {
                 match registry.register(watch.fd, watch.events, u64::from(watch.id)) {
                     Ok(()) => self.watches.push(watch),
                     Err(error) => {
-                        HOST_FAILURES.warn(format_args!("cannot watch fd {}: {error}", watch.fd))
+                        HOST_FAILURES.warn(format_args!("cannot watch fd {}: {error}", watch.fd));
                     }
                 }
             }
@@ -556,7 +556,7 @@ impl ConsoleBackend {
     fn console(&self) -> MutexGuard<'_, Console> {
         self.console
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {

@@ -77,7 +77,7 @@ impl Rig {
         returns_within("a worker event", Duration::from_secs(5), move || {
             backend
                 .handle_event(event, EventSet::IN, &vrings, 0)
-                .unwrap()
+                .unwrap();
         });
     }
 
@@ -207,7 +207,7 @@ fn small_send_buffer(stream: &UnixStream) {
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
+            (&raw const size).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

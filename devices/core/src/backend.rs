@@ -32,7 +32,7 @@ impl GuestMemorySlot {
         *self
             .0
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(memory);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(memory);
     }
 
     /// A snapshot of the current memory, or `None` before the transport set any.
@@ -40,7 +40,7 @@ impl GuestMemorySlot {
         let memory = self
             .0
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         memory.as_ref().map(GuestMemoryAtomic::memory)
     }
 }

@@ -44,7 +44,7 @@ pub fn new_exit_event(thread_index: usize) -> Option<(EventConsumer, EventNotifi
 fn new_event_pair(thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
     new_event_consumer_and_notifier(EventFlag::NONBLOCK)
         .inspect_err(|error| {
-            warn!("cannot create the exit event of thread {thread_index}: {error}")
+            warn!("cannot create the exit event of thread {thread_index}: {error}");
         })
         .ok()
 }
@@ -80,7 +80,7 @@ impl WorkerExitEvents {
             *collecting = Some(Collection {
                 prepared,
                 handed_out: Vec::new(),
-            })
+            });
         });
         // Ends the collection also if `build` panics, so later calls on this thread make
         // untracked events again.

@@ -243,10 +243,20 @@ impl InflightRegion {
             .expect("aligned inflight offset inside the mapped region")
     }
 
+    // Not through `get_atomic_ref`: vm-memory implements it for 64-bit atomics only on the
+    // architectures it lists, and loongarch64 is not among them, though it has them natively.
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        self.mapping
-            .get_atomic_ref(offset)
-            .expect("aligned inflight offset inside the mapped region")
+        assert!(
+            offset % std::mem::align_of::<AtomicU64>() == 0
+                && offset + std::mem::size_of::<AtomicU64>() <= self.mapping.size(),
+            "aligned inflight offset inside the mapped region"
+        );
+        // SAFETY: the 8 bytes at `offset` lie inside the mapping (asserted), which lives as long
+        // as `self` and so as the reference; the address is aligned for AtomicU64 (the mapping
+        // is page aligned, the offset asserted); AtomicU64 has the layout of u64, for which every
+        // bit pattern is valid; and the region is only accessed through atomics, by us and by
+        // the frontend's copy of it.
+        unsafe { &*self.mapping.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 }
 

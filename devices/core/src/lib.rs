@@ -73,7 +73,7 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
     }
 
     fn set_fault_handler(&self, handler: FaultHandler) {
-        (**self).set_fault_handler(handler)
+        (**self).set_fault_handler(handler);
     }
 }
 

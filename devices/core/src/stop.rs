@@ -50,7 +50,7 @@ impl StopSignal {
         *self
             .waiting_for
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = what;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = what;
     }
 
     /// What the stop waits for; never blocks (the lock is only held for an assignment).
@@ -84,7 +84,7 @@ impl StopSignal {
     fn lock_closer(&self) -> std::sync::MutexGuard<'_, Option<Closer>> {
         self.closer
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Installs what a stop closes from now on (`None`: nothing); runs it at once if a stop

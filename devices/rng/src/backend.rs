@@ -207,7 +207,7 @@ impl RngBackend {
     fn worker(&self) -> std::sync::MutexGuard<'_, Worker> {
         self.worker
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {

@@ -95,7 +95,7 @@ impl Rig {
         returns_within("a kick", std::time::Duration::from_secs(5), move || {
             backend
                 .handle_event(REQUEST_QUEUE_EVENT, EventSet::IN, &vrings, 0)
-                .unwrap()
+                .unwrap();
         });
     }
 

@@ -304,7 +304,7 @@ impl Simulator {
     fn lock<'a, T>(&self, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
         mutex
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// hvisor's FINISH_REQ handler: move every result into the pending-interrupt list.
@@ -362,7 +362,7 @@ impl Simulator {
             pending = self
                 .interrupt_arrived
                 .wait_timeout(pending, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
     }

@@ -1,7 +1,7 @@
 //! hvisor's half of the `virtio_bridge` page: the request producer (what
 //! `mmio_virtio_handler` does on a trapped access) and the result-ring consumer (what
 //! `hv_virtio_inject_irq` does on `HVISOR_FINISH_REQ`). Only the page layout comes from
-//! `hvisor_bridge::abi`; the protocol steps are written here from hvisor-abi.md section 3.
+//! `hvisor_bridge::abi`; the protocol steps are written here from docs/hvisor-abi.md section 3.
 
 use std::fs::File;
 use std::io;
@@ -111,7 +111,10 @@ impl Bridge {
         assert!((access.cpu as usize) < MAX_CPUS, "cpu id out of range");
         let page = self.page();
         let mut backoff = 1u32;
-        let mut guard = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self
+            .producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let rear = loop {
             let front = page.req_front.load(Ordering::Relaxed);
             let rear = page.req_rear.load(Ordering::Relaxed);
@@ -127,7 +130,10 @@ impl Bridge {
             // give them up so the daemon can drain the ring.
             std::thread::yield_now();
             backoff = (backoff * 2).min(1024);
-            guard = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+            guard = self
+                .producer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         };
         let slot = &page.req_list[(rear % MAX_REQ) as usize];
         slot.src_cpu.store(access.cpu, Ordering::Relaxed);
@@ -267,7 +273,7 @@ pub fn wait_eventfd(fd: &OwnedFd) -> bool {
                     revents: 0,
                 };
                 // SAFETY: polls one live descriptor; errors (EINTR) just lead to another read.
-                unsafe { libc::poll(&mut poll, 1, -1) };
+                unsafe { libc::poll(&raw mut poll, 1, -1) };
             }
             _ => return false,
         }

@@ -96,21 +96,21 @@ fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result
     };
     // SAFETY: an all-zero msghdr is a valid empty message; the fields are filled below.
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-    message.msg_iov = &mut iov;
+    message.msg_iov = &raw mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
     message.msg_controllen = space as _;
     // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, so the first header and
     // its data (payload bytes) fit; CMSG_FIRSTHDR/CMSG_DATA point inside it.
     unsafe {
-        let header = libc::CMSG_FIRSTHDR(&message);
+        let header = libc::CMSG_FIRSTHDR(&raw const message);
         (*header).cmsg_level = libc::SOL_SOCKET;
         (*header).cmsg_type = libc::SCM_RIGHTS;
         (*header).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(header).cast(), fds.len());
     }
     // SAFETY: `message` points at live buffers (iov, control) for the duration of the call.
-    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
+    let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &raw const message, libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -139,13 +139,13 @@ fn read_exact_collecting(
         };
         // SAFETY: an all-zero msghdr is a valid empty message; the fields are filled below.
         let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
-        message.msg_iov = &mut iov;
+        message.msg_iov = &raw mut iov;
         message.msg_iovlen = 1;
         message.msg_control = control.as_mut_ptr().cast();
         message.msg_controllen = std::mem::size_of_val(&control) as _;
         // SAFETY: `message` points at live buffers for the duration of the call.
         let got =
-            unsafe { libc::recvmsg(stream.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
+            unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut message, libc::MSG_CMSG_CLOEXEC) };
         if got < 0 {
             let error = io::Error::last_os_error();
             if error.kind() == io::ErrorKind::Interrupted {
@@ -157,7 +157,7 @@ fn read_exact_collecting(
         // length it reported; each SCM_RIGHTS payload is an array of fresh descriptors that
         // now belong to us.
         unsafe {
-            let mut header = libc::CMSG_FIRSTHDR(&message);
+            let mut header = libc::CMSG_FIRSTHDR(&raw const message);
             while !header.is_null() {
                 if (*header).cmsg_level == libc::SOL_SOCKET
                     && (*header).cmsg_type == libc::SCM_RIGHTS
@@ -168,7 +168,7 @@ fn read_exact_collecting(
                         received.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                     }
                 }
-                header = libc::CMSG_NXTHDR(&message, header);
+                header = libc::CMSG_NXTHDR(&raw const message, header);
             }
         }
         if got == 0 {
@@ -191,7 +191,7 @@ pub fn peer_alive(stream: &UnixStream) -> bool {
         revents: 0,
     };
     // SAFETY: polls one live descriptor without blocking.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
     if ready <= 0 {
         return true;
     }

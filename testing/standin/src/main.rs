@@ -1,6 +1,6 @@
 //! hvisor-standin: plays hvisor for one or more zones on an arm64 Linux host with KVM, so that
 //! the hvisor-vhost daemon can serve real, unmodified Linux guests through the `virtio_bridge`
-//! ring without hvisor. See standin/README.md.
+//! ring without hvisor. See testing/standin/README.md.
 
 // Without KVM (other architectures) only `dtb`, `console-peer` and `mktap` run; the bridge
 // and hand-off code still builds and is unit-tested there.

@@ -19,7 +19,7 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout_secs: i32) -> io::Result<()> {
     };
     loop {
         // SAFETY: polls one live descriptor.
-        let ready = unsafe { libc::poll(&mut poll, 1, timeout_secs.saturating_mul(1000)) };
+        let ready = unsafe { libc::poll(&raw mut poll, 1, timeout_secs.saturating_mul(1000)) };
         match ready {
             1.. => return Ok(()),
             0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
@@ -61,7 +61,7 @@ pub fn console_peer(args: &Args) -> Result<()> {
     let mut sent = false;
     let mut chunk = [0u8; 4096];
     while started.elapsed() < timeout {
-        if marker_seen && !sent && go.is_none_or(|go| go.exists()) {
+        if marker_seen && !sent && go.is_none_or(std::path::Path::exists) {
             stream.write_all(&payload)?;
             sent = true;
             eprintln!("[console-peer] {path}: sent {} bytes", payload.len());

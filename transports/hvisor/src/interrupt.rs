@@ -46,7 +46,7 @@ impl Injector {
     fn lock_results(&self) -> MutexGuard<'_, ()> {
         self.results
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Queues `irq` for `zone` and signals FINISH_REQ, unless `still_wanted` (asked with the
@@ -151,7 +151,7 @@ impl InterruptLine {
     fn lock(&self) -> MutexGuard<'_, LineState> {
         self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The eventfds that ask for interrupts (each queue's call, then the configuration-change

@@ -230,7 +230,7 @@ fn deassert_irq_ioctl(device: &File, zone: u32, irq: u32) -> io::Result<()> {
         libc::ioctl(
             device.as_raw_fd(),
             super::abi::HVISOR_DEASSERT_IRQ as _,
-            &line as *const IrqLine,
+            &raw const line,
         )
     };
     if ret < 0 {

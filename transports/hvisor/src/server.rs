@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hvisor_vhost_core::log_limit::LogLimiter;
 use log::{error, info, warn};
 use vm_memory::mmap::FromRangesError;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
@@ -64,40 +65,9 @@ struct Window {
     registers: Box<dyn MmioRegisters>,
 }
 
-/// Logs at most a few lines per second for one kind of guest mistake.
-struct LogLimiter {
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    fn new() -> Self {
-        LogLimiter {
-            window_start: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        if self.window_start.elapsed() >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                warn!("{} similar messages suppressed", self.suppressed);
-            }
-            *self = LogLimiter::new();
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
+/// Stray accesses a guest may make at will (no device there, an impossible size) are logged
+/// at most this many times per second.
+const STRAY_ACCESS_LINES_PER_SECOND: u32 = 10;
 
 pub struct Server {
     port: Arc<dyn HypervisorPort>,
@@ -175,7 +145,11 @@ impl Server {
             windows,
             poll,
             interrupts: Some(interrupts),
-            stray_accesses: LogLimiter::new(),
+            stray_accesses: LogLimiter::with_burst(
+                module_path!(),
+                Duration::from_secs(1),
+                STRAY_ACCESS_LINES_PER_SECOND,
+            ),
         })
     }
 
@@ -183,13 +157,11 @@ impl Server {
         let size = match request.size {
             1 | 2 | 4 | 8 => request.size as u8,
             other => {
-                if self.stray_accesses.allow() {
-                    warn!(
-                        "zone {} cpu {}: access of {other} bytes at {:#x}; only 1, 2, 4 or 8 \
-                         are possible; answered 0",
-                        request.src_zone, request.src_cpu, request.address
-                    );
-                }
+                self.stray_accesses.warn(format_args!(
+                    "zone {} cpu {}: access of {other} bytes at {:#x}; only 1, 2, 4 or 8 are \
+                     possible; answered 0",
+                    request.src_zone, request.src_cpu, request.address
+                ));
                 self.answer(&request, 0);
                 return;
             }
@@ -201,20 +173,18 @@ impl Server {
         });
         let value = match window {
             None => {
-                if self.stray_accesses.allow() {
-                    warn!(
-                        "zone {} cpu {}: {} of {size} bytes at {:#x}, where no device is; {}",
-                        request.src_zone,
-                        request.src_cpu,
-                        if request.is_write { "write" } else { "read" },
-                        request.address,
-                        if request.need_interrupt {
-                            "dropped"
-                        } else {
-                            "answered 0"
-                        }
-                    );
-                }
+                self.stray_accesses.warn(format_args!(
+                    "zone {} cpu {}: {} of {size} bytes at {:#x}, where no device is; {}",
+                    request.src_zone,
+                    request.src_cpu,
+                    if request.is_write { "write" } else { "read" },
+                    request.address,
+                    if request.need_interrupt {
+                        "dropped"
+                    } else {
+                        "answered 0"
+                    }
+                ));
                 0
             }
             Some(window) => {

@@ -130,7 +130,7 @@ fn copy_replies(mut backend: UnixStream, frontend: &Mutex<UnixStream>) -> io::Re
 fn lock(stream: &Mutex<UnixStream>) -> std::sync::MutexGuard<'_, UnixStream> {
     stream
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The name of request `code` for log lines.

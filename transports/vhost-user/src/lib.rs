@@ -209,7 +209,7 @@ impl Backoff {
         let timeout = libc::c_int::try_from(self.delay.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: `wake` is a valid pollfd for the duration of the call. An early return
         // (a signal) only shortens the pause.
-        unsafe { libc::poll(&mut wake, 1, timeout) };
+        unsafe { libc::poll(&raw mut wake, 1, timeout) };
         self.delay = (self.delay * 2).min(Self::LONGEST);
     }
 }
@@ -266,8 +266,8 @@ where
     let shutdown = connection.daemon.shutdown_handle();
     stop.set_closer(shutdown.map(|handle| Box::new(move || handle.shutdown()) as Closer));
     match connection.daemon.wait() {
-        Ok(()) => info!("{name}: frontend disconnected"),
-        Err(vhost_user_backend::Error::HandleRequest(
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
         )) => info!("{name}: frontend disconnected"),
         Err(error) => warn!("{name}: frontend connection ended: {error}"),
@@ -350,7 +350,7 @@ where
             "{fault_name}: queue {} stays stopped until the frontend starts it again; the \
              connection and the other queues go on",
             fault.queue
-        )
+        );
     }));
     info!("{name}: listening on {}", socket_path.display());
     let mut backoff = Backoff::new();

@@ -64,7 +64,7 @@ impl RegionFile {
         // SAFETY: fstat writes a stat into the zeroed local, which outlives the call.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: see above; `fd` is a live descriptor for the call.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
+        if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut stat) } != 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: F_GET_SEALS only reads the file's seals; files that cannot have seals
@@ -181,7 +181,7 @@ impl FaultWatch {
     fn lock_slots(&self) -> std::sync::MutexGuard<'_, Vec<(usize, FileKey)>> {
         self.slots
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Watches `file` from now on; call it before the file is mapped. Installs the SIGBUS
@@ -242,7 +242,7 @@ pub fn drain_fault_event() {
     unsafe {
         libc::read(
             FAULT_EVENT.load(Ordering::Relaxed),
-            (&mut count as *mut u64).cast(),
+            (&raw mut count).cast(),
             size_of::<u64>(),
         )
     };
@@ -288,11 +288,11 @@ fn install_handler() -> io::Result<()> {
     action.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
     action.sa_flags = libc::SA_SIGINFO;
     // SAFETY: initialises the mask inside the local.
-    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    unsafe { libc::sigemptyset(&raw mut action.sa_mask) };
     // SAFETY: as above.
     let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are to live locals; `on_sigbus` is async-signal-safe (see it).
-    if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) } != 0 {
+    if unsafe { libc::sigaction(libc::SIGBUS, &raw const action, &raw mut previous) } != 0 {
         return Err(io::Error::last_os_error());
     }
     PREVIOUS_HANDLER.store(previous.sa_sigaction, Ordering::Relaxed);
@@ -344,7 +344,7 @@ fn recover(address: usize) -> bool {
     unsafe {
         libc::write(
             FAULT_EVENT.load(Ordering::Relaxed),
-            (&one as *const u64).cast(),
+            (&raw const one).cast(),
             size_of::<u64>(),
         )
     };
@@ -387,7 +387,7 @@ fn pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::
         let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
         default.sa_sigaction = libc::SIG_DFL;
         // SAFETY: passes a live local; sigaction is async-signal-safe.
-        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
+        unsafe { libc::sigaction(signal, &raw const default, std::ptr::null_mut()) };
         return;
     }
     if PREVIOUS_FLAGS.load(Ordering::Relaxed) & libc::SA_SIGINFO != 0 {
