@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use hvisor_sim::guest::MmioGuest;
 use hvisor_transport::mmio::{MAGIC_VALUE, reg};
 use hvisor_transport::server::DEFAULT_POLL;
-use virtio_driver::{Buffer, DriverQueue, blk};
+use virtio_guest_driver::{Buffer, DriverQueue, blk};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 

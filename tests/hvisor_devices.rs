@@ -14,7 +14,7 @@ use hvisor_sim::guest::MmioGuest;
 use hvisor_transport::abi::DeviceRes;
 use hvisor_transport::mmio::reg;
 use support::hvisor::*;
-use virtio_driver::{Buffer, DriverQueue};
+use virtio_guest_driver::{Buffer, DriverQueue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const ZONE: u32 = 1;

@@ -16,7 +16,7 @@ use hvisor_transport::abi::{DeviceReq, DeviceRes};
 use hvisor_transport::mmio::reg;
 use hvisor_transport::ring::HypervisorSide;
 use support::hvisor::*;
-use virtio_driver::{Buffer, DriverQueue, blk};
+use virtio_guest_driver::{Buffer, DriverQueue, blk};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const ZONE: u32 = 1;

@@ -26,8 +26,8 @@ use hvisor_transport::port::SocketPort;
 use hvisor_transport::server::{Server, ServerError};
 use hvisor_vhost::registry;
 use hvisor_vhost_core::stop::StopSignal;
-use virtio_driver::DriverQueue;
-use virtio_driver::blk::RequestBuffers;
+use virtio_guest_driver::DriverQueue;
+use virtio_guest_driver::blk::RequestBuffers;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -49,11 +49,11 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_BLK_F_FLUSH: u64 = virtio_driver::blk::F_FLUSH;
-pub const BLK_T_IN: u32 = virtio_driver::blk::T_IN;
-pub const BLK_T_OUT: u32 = virtio_driver::blk::T_OUT;
-pub const BLK_S_OK: u8 = virtio_driver::blk::S_OK;
-pub const STATUS_UNWRITTEN: u8 = virtio_driver::blk::STATUS_UNWRITTEN;
+pub const VIRTIO_BLK_F_FLUSH: u64 = virtio_guest_driver::blk::F_FLUSH;
+pub const BLK_T_IN: u32 = virtio_guest_driver::blk::T_IN;
+pub const BLK_T_OUT: u32 = virtio_guest_driver::blk::T_OUT;
+pub const BLK_S_OK: u8 = virtio_guest_driver::blk::S_OK;
+pub const STATUS_UNWRITTEN: u8 = virtio_guest_driver::blk::STATUS_UNWRITTEN;
 
 /// The `n`th driver area of a zone's RAM.
 pub fn area(n: u64) -> GuestAddress {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use hvisor_transport::config::{DeviceKind, VirtioConfig};
 use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
-use virtio_driver::blk::{self, RequestBuffers};
-use virtio_driver::{DriverError, DriverQueue};
+use virtio_guest_driver::blk::{self, RequestBuffers};
+use virtio_guest_driver::{DriverError, DriverQueue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{SimError, Simulator};
