@@ -24,12 +24,12 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::config_space::read_config;
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, Resubmission};
-use hvisor_vhost_device::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
-use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, Resubmission};
+use hvisor_vhost_core::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
+use hvisor_vhost_core::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig};
 use crate::device::BlockDevice;

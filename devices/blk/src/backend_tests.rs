@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
-use hvisor_vhost_device::VirtioDevice;
-use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::VirtioDevice;
+use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
+use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
     returns_within, set_avail_idx, writable,
 };
@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use std::sync::Arc;
 
-use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, create_region_file};
+use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, create_region_file};
 use virtio_queue::QueueT;
 
 use super::BlkBackend;

@@ -11,7 +11,7 @@
 
 use std::io;
 
-use hvisor_vhost_device::chain::{self, ChainError, Segment, split_chain, stream_parts, total_len};
+use hvisor_vhost_core::chain::{self, ChainError, Segment, split_chain, stream_parts, total_len};
 use log::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::{

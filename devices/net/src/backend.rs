@@ -25,13 +25,13 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::chain::{Segment, read_stream, split_chain, total_len, write_stream};
-use hvisor_vhost_device::config_space::read_config;
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{FaultHandler, Rings, queue_is_live};
-use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::chain::{Segment, read_stream, split_chain, total_len, write_stream};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::log_limit::LogLimiter;
+use hvisor_vhost_core::queue::{FaultHandler, Rings, queue_is_live};
+use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
 use crate::config::{MacAddress, NetConfig};
 use crate::tap::{Tap, TapError, TapQueue};

@@ -8,12 +8,12 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
+use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
     returns_within, set_avail_idx, writable,
 };
-use hvisor_vhost_device::{EventRegistry, VirtioDevice};
+use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;

@@ -2,7 +2,7 @@
 //!
 //! [`NetBackend`] implements `vhost_user_backend::VhostUserBackend` and knows nothing of the
 //! transport that drives it: the vhost-user daemon and the hvisor ring both run it unchanged.
-//! It watches its TAP through the [`hvisor_vhost_device::EventRegistry`] each transport gives
+//! It watches its TAP through the [`hvisor_vhost_core::EventRegistry`] each transport gives
 //! its worker threads.
 //!
 //! Layers, from the wire down:
