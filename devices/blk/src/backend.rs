@@ -151,7 +151,7 @@ impl<S: Storage> BlkBackend<S> {
         };
         let mut worker = self.workers[queue_index]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let worker = &mut *worker;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         // Since the last poll window: requests were answered, and the worker slept on the disk.
@@ -387,7 +387,7 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
         for (index, worker) in (0u16..).zip(&self.workers) {
             let mut worker = worker
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             worker.inflight = region
                 .clone()
                 .and_then(|region| InflightQueue::new(region, index));
@@ -485,7 +485,7 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
         if let Some(worker) = self.workers.get(queue_index as usize) {
             let mut worker = worker
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             worker.requests.engine().stop()?;
         }
         Ok(())

@@ -195,7 +195,7 @@ impl Rig {
         returns_within("a kick", KICK_TIMEOUT, move || {
             backend
                 .handle_event(0, EventSet::IN, &vrings, queue)
-                .unwrap()
+                .unwrap();
         });
     }
 

@@ -173,7 +173,7 @@ impl Engine for FileEngine {
     }
 
     fn begin_round(&mut self) {
-        self.inner_mut().begin_round()
+        self.inner_mut().begin_round();
     }
 
     fn stop(&mut self) -> io::Result<()> {

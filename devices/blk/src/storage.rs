@@ -531,7 +531,7 @@ fn copy_between(iovecs: &[libc::iovec], bounce: &mut [u8], direction: Direction)
         unsafe {
             match direction {
                 Direction::Write => {
-                    std::ptr::copy_nonoverlapping(guest, part.as_mut_ptr(), part.len())
+                    std::ptr::copy_nonoverlapping(guest, part.as_mut_ptr(), part.len());
                 }
                 Direction::Read => std::ptr::copy_nonoverlapping(part.as_ptr(), guest, part.len()),
             }
@@ -551,7 +551,7 @@ pub(crate) fn is_unsupported(error: &io::Error) -> bool {
 fn block_device_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
     let mut value = 0u64;
     // SAFETY: the request writes one u64 to the pointer, which points to `value`.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut value as *mut u64) };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &raw mut value) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -562,13 +562,7 @@ fn block_device_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
 fn block_device_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
     // SAFETY: the request writes one int to the pointer, which points to `value`.
-    let ret = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            request as _,
-            &mut value as *mut libc::c_int,
-        )
-    };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &raw mut value) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -144,7 +144,7 @@ impl Engine for FaultyEngine {
     }
 
     fn begin_round(&mut self) {
-        self.inner.begin_round()
+        self.inner.begin_round();
     }
 
     fn stop(&mut self) -> io::Result<()> {

@@ -600,7 +600,7 @@ mod tests {
             );
             assert_ne!(map, libc::MAP_FAILED);
             let mut resident = 0u8;
-            assert_eq!(libc::mincore(map, PAGE, &mut resident), 0);
+            assert_eq!(libc::mincore(map, PAGE, &raw mut resident), 0);
             libc::munmap(map, PAGE);
             resident & 1 != 0
         }

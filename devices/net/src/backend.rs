@@ -151,7 +151,7 @@ struct QueuePair<T> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum TxError {
@@ -1048,10 +1048,10 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
                 }
             }
             (CTRL_QUEUE_EVENT, [_, _, ctrl]) if kick && thread_id == 0 => {
-                self.process_ctrl(state, ctrl, &mem)
+                self.process_ctrl(state, ctrl, &mem);
             }
             (event, [rx, ..]) if event == self.tap_readable_event() => {
-                self.process_rx(thread_id, state, rx, &mem)
+                self.process_rx(thread_id, state, rx, &mem);
             }
             (event, [_, tx, ..]) if event == self.tap_writable_event() => {
                 self.set_tx_waiting(thread_id, state, false);
