@@ -264,8 +264,8 @@ impl ImageBuilder {
         for (i, b) in buffers.iter().enumerate() {
             let index = first + i as u16;
             let more = i + 1 < buffers.len();
-            let flags =
-                u16::from(more) * VRING_DESC_F_NEXT | u16::from(b.writable) * VRING_DESC_F_WRITE;
+            let flags = (u16::from(more) * VRING_DESC_F_NEXT)
+                | (u16::from(b.writable) * VRING_DESC_F_WRITE);
             let at = (table + u64::from(index) * DESC_SIZE) as usize;
             self.image[at..at + 8].copy_from_slice(&b.addr.to_le_bytes());
             self.image[at + 8..at + 12].copy_from_slice(&b.len.to_le_bytes());

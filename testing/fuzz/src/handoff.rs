@@ -7,7 +7,7 @@
 //! (checked here with fstat, independently of the checker); a refused one must say why.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::sync::OnceLock;
 
@@ -43,12 +43,20 @@ fn descriptors() -> &'static [File] {
         let eventfd = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         // SAFETY: a fresh duplicate that the File alone owns.
         let eventfd = unsafe { File::from_raw_fd(eventfd.try_clone().expect("dup").into_raw_fd()) };
-        let (pipe, _) = std::io::pipe().expect("pipe");
+        let mut pipe = [-1; 2];
+        // SAFETY: `pipe` has room for the two descriptors; the result is checked.
+        assert_eq!(
+            unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+            0,
+            "pipe2"
+        );
+        // SAFETY: fresh descriptors that nothing else owns; the write end is closed at once.
+        let (pipe, _) = unsafe { (File::from_raw_fd(pipe[0]), File::from_raw_fd(pipe[1])) };
         vec![
             memfd(PAGE),
             eventfd,
             memfd(0x10000),
-            File::from(OwnedFd::from(pipe)),
+            pipe,
             memfd(0),
             File::open("/dev/null").expect("/dev/null"),
         ]
