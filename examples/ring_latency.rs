@@ -32,9 +32,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest, blk};
-use hvisor_vhost::hvisor::mmio::{MAGIC_VALUE, reg};
-use hvisor_vhost::hvisor::server::DEFAULT_POLL;
+use hvisor_sim::guest::MmioGuest;
+use hvisor_transport::mmio::{MAGIC_VALUE, reg};
+use hvisor_transport::server::DEFAULT_POLL;
+use virtio_guest_driver::{Buffer, DriverQueue, blk};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -83,7 +84,7 @@ fn pin(tid: libc::pid_t, cpu: usize) {
     let result = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &raw const set)
     };
     if result != 0 {
         println!(

@@ -30,6 +30,7 @@ pub enum Command {
     Hvisor(HvisorArgs),
     /// Play hvisor's side for a daemon started with --hypervisor-socket, and drive every
     /// configured device like a guest would (to try the hvisor path without hvisor).
+    #[cfg(feature = "simulator")]
     Simulate(SimulateArgs),
 }
 
@@ -105,6 +106,7 @@ pub struct HvisorArgs {
     pub poll_us: u64,
 }
 
+#[cfg(feature = "simulator")]
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The virtio_cfg.json the daemon serves.

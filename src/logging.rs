@@ -92,7 +92,7 @@ impl<L: Log> RateLimited<L> {
     fn lock_sites(&self) -> std::sync::MutexGuard<'_, HashMap<Site, SiteState>> {
         self.sites
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether `record` may be logged at `now`, and the summary of the previous window of its

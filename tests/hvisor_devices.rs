@@ -10,10 +10,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use hvisor_vhost::hvisor::abi::DeviceRes;
-use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest};
-use hvisor_vhost::hvisor::mmio::reg;
+use hvisor_sim::guest::MmioGuest;
+use hvisor_transport::abi::DeviceRes;
+use hvisor_transport::mmio::reg;
 use support::hvisor::*;
+use virtio_guest_driver::{Buffer, DriverQueue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const ZONE: u32 = 1;
@@ -317,7 +318,7 @@ fn packet_socket(name: &std::ffi::CStr) -> TestResult<OwnedFd> {
     let bound = unsafe {
         libc::bind(
             socket.as_raw_fd(),
-            (&address as *const libc::sockaddr_ll).cast(),
+            (&raw const address).cast(),
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
@@ -342,7 +343,7 @@ fn receive_frame(socket: &OwnedFd, wanted: impl Fn(&[u8]) -> bool) -> TestResult
             revents: 0,
         };
         // SAFETY: `poll` is one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut poll, 1, left.as_millis() as i32) } <= 0 {
+        if unsafe { libc::poll(&raw mut poll, 1, left.as_millis() as i32) } <= 0 {
             continue;
         }
         // SAFETY: `frame` is writable for its whole length.

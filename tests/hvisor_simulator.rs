@@ -1,6 +1,6 @@
 //! The hvisor transport end to end, in one process: the simulator plays hvisor and a zone's
 //! guest, the daemon's request loop serves it over the hand-off socket. Covers the
-//! virtio-mmio register file against the C daemon's known gaps (hvisor-abi.md 5.1 and 5.6),
+//! virtio-mmio register file against the C daemon's known gaps (docs/hvisor-abi.md section 8),
 //! the answering rule of the request ring (3.3, 3.4), interrupt delivery (3.5) and shutdown.
 
 mod support;
@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::abi::{DeviceReq, DeviceRes};
-use hvisor_vhost::hvisor::guest::{BlkGuest, Buffer, DriverQueue, MmioGuest, blk};
-use hvisor_vhost::hvisor::mmio::reg;
-use hvisor_vhost::hvisor::ring::HypervisorSide;
+use hvisor_sim::guest::{BlkGuest, MmioGuest};
+use hvisor_transport::abi::{DeviceReq, DeviceRes};
+use hvisor_transport::mmio::reg;
+use hvisor_transport::ring::HypervisorSide;
 use support::hvisor::*;
+use virtio_guest_driver::{Buffer, DriverQueue, blk};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
@@ -204,7 +205,7 @@ fn probe_initialization_and_blk_io() -> TestResult {
     driver.mmio.write(reg::INTERRUPT_ACK, 1)?;
     assert_eq!(driver.mmio.read(reg::INTERRUPT_STATUS)?, 0);
     assert_eq!(driver.wait_used(head)?, 1, "used length: the status byte");
-    assert_eq!(memory.read_obj::<u8>(driver.status)?, BLK_S_OK);
+    assert_eq!(memory.read_obj::<u8>(driver.buffers.status)?, BLK_S_OK);
     let (status, back) = driver.read(16, 8192)?;
     assert_eq!(status, BLK_S_OK);
     assert!(back == data, "data read back differs");
@@ -697,11 +698,11 @@ fn a_descriptor_loop_is_returned_and_serving_goes_on() -> TestResult {
     let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, driver.header)?;
+    memory.write_slice(&header, driver.buffers.header)?;
     for length in [1, 2] {
         let buffers = vec![
             Buffer {
-                addr: driver.header,
+                addr: driver.buffers.header,
                 len: 16,
                 device_writable: false,
             };
@@ -793,7 +794,10 @@ fn a_full_result_ring_delays_interrupts_but_not_register_answers() -> TestResult
     let data = pattern(50, 4096);
     let head = second.post(BLK_T_OUT, 0, Payload::Out(&data))?;
     assert_eq!(second.wait_used(head)?, 1);
-    assert_eq!(rig.memory(ZONE).read_obj::<u8>(second.status)?, BLK_S_OK);
+    assert_eq!(
+        rig.memory(ZONE).read_obj::<u8>(second.buffers.status)?,
+        BLK_S_OK
+    );
     assert!(image_bytes(&rig.images[1], 0, data.len()) == data);
 
     rig.gate().resume()?;

@@ -1,7 +1,7 @@
 //! The request ring's sleep/wake handshake on real cores: two vCPU threads read registers of a
 //! blk device back to back while the daemon, with no busy-poll window, goes to sleep whenever
 //! the ring is empty. A million round trips, each of which must be answered within a second:
-//! a lost wake-up (hvisor-abi.md 3.6) leaves a vCPU spinning, and the watchdog fails the test
+//! a lost wake-up (docs/hvisor-abi.md section 5) leaves a vCPU spinning, and the watchdog fails the test
 //! with the ring state.
 //!
 //! Timed on real threads, so it runs in release builds only:

@@ -8,7 +8,7 @@ mod support;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::vhost_user::{STOP_BOUND, STOP_TIMED_OUT_STATUS};
+use hvisor_vhost_core::stop::{STOP_BOUND, STOP_TIMED_OUT_STATUS};
 use support::daemon::Daemon;
 use support::frontend::{DriverConfig, VhostUserDriver};
 
@@ -47,7 +47,7 @@ impl FrozenThread {
         }
         let mut status = 0;
         // SAFETY: `status` is a valid place for waitpid to write to.
-        let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        let waited = unsafe { libc::waitpid(tid, &raw mut status, libc::__WALL) };
         assert_eq!(waited, tid, "waiting for thread {tid} to stop");
         assert!(libc::WIFSTOPPED(status), "thread {tid} did not stop");
         FrozenThread(tid)
@@ -58,7 +58,8 @@ impl FrozenThread {
     fn reaped(&self) -> bool {
         let mut status = 0;
         // SAFETY: as above; WNOHANG makes it return at once.
-        let waited = unsafe { libc::waitpid(self.0, &mut status, libc::__WALL | libc::WNOHANG) };
+        let waited =
+            unsafe { libc::waitpid(self.0, &raw mut status, libc::__WALL | libc::WNOHANG) };
         (waited == self.0 && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status))) || waited < 0
     }
 }

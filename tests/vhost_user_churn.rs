@@ -213,7 +213,7 @@ fn set_open_files_limit(pid: libc::pid_t, soft: libc::rlim_t) -> libc::rlim_t {
         rlim_max: 0,
     };
     // SAFETY: reads the current limits into a live local.
-    let ret = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    let ret = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) };
     assert_eq!(ret, 0, "prlimit: {}", std::io::Error::last_os_error());
     let new = libc::rlimit {
         rlim_cur: soft,
@@ -221,7 +221,14 @@ fn set_open_files_limit(pid: libc::pid_t, soft: libc::rlim_t) -> libc::rlim_t {
     };
     // SAFETY: passes a live, initialised rlimit; a soft limit up to the hard one needs no
     // privilege.
-    let ret = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    let ret = unsafe {
+        libc::prlimit(
+            pid,
+            libc::RLIMIT_NOFILE,
+            &raw const new,
+            std::ptr::null_mut(),
+        )
+    };
     assert_eq!(ret, 0, "prlimit: {}", std::io::Error::last_os_error());
     old.rlim_cur
 }

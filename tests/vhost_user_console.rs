@@ -340,7 +340,7 @@ fn read_pty(file: &mut File, len: usize) -> Vec<u8> {
             revents: 0,
         };
         // SAFETY: `poll` is one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int) };
+        unsafe { libc::poll(&raw mut poll, 1, left.as_millis() as libc::c_int) };
         match file.read(&mut buf[..(len - data.len()).min(4096)]) {
             Ok(read) => data.extend_from_slice(&buf[..read]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

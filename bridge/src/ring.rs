@@ -1,4 +1,4 @@
-//! Both sides of the bridge protocol (hvisor-abi.md section 3): the daemon's consumer of the
+//! Both sides of the bridge protocol (docs/hvisor-abi.md, sections 3 to 5): the daemon's consumer of the
 //! request ring and producer of the result ring, and the hypervisor's matching halves (used by
 //! the simulator and the model-checking tests).
 //!

@@ -10,7 +10,7 @@ use std::process::{Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::handoff::{self, PROTOCOL, VERSION};
+use hvisor_transport::handoff::{self, PROTOCOL, VERSION};
 use serde_json::{Value, json};
 
 use super::daemon::{Daemon, assert_one_error};

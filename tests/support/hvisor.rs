@@ -17,15 +17,17 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::config::VirtioConfig;
-use hvisor_vhost::hvisor::devices;
-use hvisor_vhost::hvisor::guest::{Buffer, DriverQueue, MmioGuest};
-use hvisor_vhost::hvisor::handoff::{self, DaemonReply};
-use hvisor_vhost::hvisor::mmio::reg;
-use hvisor_vhost::hvisor::port::SocketPort;
-use hvisor_vhost::hvisor::server::{Server, ServerError};
-use hvisor_vhost::hvisor::simulator::{SimOptions, Simulator};
-use hvisor_vhost::vhost_user::StopSignal;
+use hvisor_sim::guest::MmioGuest;
+use hvisor_sim::{SimOptions, Simulator};
+use hvisor_transport::config::VirtioConfig;
+use hvisor_transport::handoff::{self, DaemonReply};
+use hvisor_transport::mmio::reg;
+use hvisor_transport::port::SocketPort;
+use hvisor_transport::server::{Server, ServerError};
+use hvisor_vhost::registry;
+use hvisor_vhost_core::stop::StopSignal;
+use virtio_guest_driver::DriverQueue;
+use virtio_guest_driver::blk::RequestBuffers;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -47,12 +49,11 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-pub const BLK_T_IN: u32 = 0;
-pub const BLK_T_OUT: u32 = 1;
-pub const BLK_S_OK: u8 = 0;
-/// What the status byte holds until the device writes it.
-pub const STATUS_UNWRITTEN: u8 = 0xff;
+pub const VIRTIO_BLK_F_FLUSH: u64 = virtio_guest_driver::blk::F_FLUSH;
+pub const BLK_T_IN: u32 = virtio_guest_driver::blk::T_IN;
+pub const BLK_T_OUT: u32 = virtio_guest_driver::blk::T_OUT;
+pub const BLK_S_OK: u8 = virtio_guest_driver::blk::S_OK;
+pub const STATUS_UNWRITTEN: u8 = virtio_guest_driver::blk::STATUS_UNWRITTEN;
 
 /// The `n`th driver area of a zone's RAM.
 pub fn area(n: u64) -> GuestAddress {
@@ -95,7 +96,7 @@ impl RigOptions {
             other_devices: Vec::new(),
             gated_results: false,
             shared_ram_file: false,
-            poll: hvisor_vhost::hvisor::server::DEFAULT_POLL,
+            poll: hvisor_transport::server::DEFAULT_POLL,
         }
     }
 }
@@ -184,7 +185,7 @@ impl Rig {
             Path::new("test.json"),
         )
         .expect("the test configuration is valid");
-        let devices = devices::open_all(&config).expect("opening the devices");
+        let devices = registry::open_hvisor_devices(&config).expect("opening the devices");
         let sim = Simulator::new(
             &config,
             SimOptions {
@@ -350,7 +351,7 @@ impl ResultGate {
     fn lock(&self) -> MutexGuard<'_, GateState> {
         self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn pause(&self) {
@@ -463,9 +464,7 @@ pub struct PolledBlk<'a> {
     pub mmio: MmioGuest<'a>,
     pub queue: DriverQueue,
     pub memory: &'a GuestMemoryMmap,
-    pub header: GuestAddress,
-    pub status: GuestAddress,
-    pub data: GuestAddress,
+    pub buffers: RequestBuffers,
 }
 
 impl<'a> PolledBlk<'a> {
@@ -489,50 +488,31 @@ impl<'a> PolledBlk<'a> {
 
     /// A driver for a device already set up with `queue`; buffers follow the rings.
     pub fn new(mmio: MmioGuest<'a>, queue: DriverQueue, memory: &'a GuestMemoryMmap) -> Self {
-        let header = queue.desc.unchecked_add(DriverQueue::footprint(queue.size));
+        let buffers = RequestBuffers::at(
+            queue.desc.unchecked_add(DriverQueue::footprint(queue.size)),
+            Self::DATA_LEN,
+        );
         PolledBlk {
             mmio,
             queue,
             memory,
-            header,
-            status: header.unchecked_add(16),
-            data: header.unchecked_add(4096),
+            buffers,
         }
     }
 
     /// Publishes a request and notifies the device; returns the chain's head.
     pub fn post(&mut self, request_type: u32, sector: u64, payload: Payload) -> TestResult<u16> {
-        let mut header = [0u8; 16];
-        header[..4].copy_from_slice(&request_type.to_le_bytes());
-        header[8..].copy_from_slice(&sector.to_le_bytes());
-        self.memory.write_slice(&header, self.header)?;
-        self.memory.write_obj(STATUS_UNWRITTEN, self.status)?;
-        let mut chain = vec![Buffer {
-            addr: self.header,
-            len: 16,
-            device_writable: false,
-        }];
         let data = match payload {
             Payload::None => None,
             Payload::Out(bytes) => {
-                self.memory.write_slice(bytes, self.data)?;
+                self.memory.write_slice(bytes, self.buffers.data)?;
                 Some((bytes.len() as u32, false))
             }
             Payload::In(len) => Some((len, true)),
         };
-        if let Some((len, device_writable)) = data {
-            assert!(len <= Self::DATA_LEN, "payload larger than the data buffer");
-            chain.push(Buffer {
-                addr: self.data,
-                len,
-                device_writable,
-            });
-        }
-        chain.push(Buffer {
-            addr: self.status,
-            len: 1,
-            device_writable: true,
-        });
+        let chain = self
+            .buffers
+            .chain(self.memory, request_type, sector, data)?;
         let head = self.queue.add(self.memory, &chain)?;
         self.mmio.notify(0)?;
         Ok(head)
@@ -568,7 +548,7 @@ impl<'a> PolledBlk<'a> {
     pub fn complete(&mut self, head: u16) -> TestResult<(u8, u32)> {
         let len = self.wait_used(head)?;
         self.acknowledge_interrupt()?;
-        Ok((self.memory.read_obj(self.status)?, len))
+        Ok((self.buffers.status(self.memory)?, len))
     }
 
     pub fn write(&mut self, sector: u64, data: &[u8]) -> TestResult<u8> {
@@ -580,7 +560,7 @@ impl<'a> PolledBlk<'a> {
         let head = self.post(BLK_T_IN, sector, Payload::In(len))?;
         let (status, _) = self.complete(head)?;
         let mut data = vec![0u8; len as usize];
-        self.memory.read_slice(&mut data, self.data)?;
+        self.memory.read_slice(&mut data, self.buffers.data)?;
         Ok((status, data))
     }
 }
@@ -638,7 +618,7 @@ impl log::Log for Capture {
         if record.level() <= log::Level::Warn {
             WARNINGS
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(line);
         }
     }
@@ -666,7 +646,7 @@ pub fn logged(parts: &[&str]) -> bool {
 pub fn logged_count(parts: &[&str]) -> usize {
     WARNINGS
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
         .filter(|line| parts.iter().all(|part| line.contains(part)))
         .count()

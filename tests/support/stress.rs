@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost::hvisor::mmio::{MAGIC_VALUE, VERSION, reg};
-use hvisor_vhost::hvisor::ring::HypervisorSide;
-use hvisor_vhost::hvisor::simulator::{SimError, Simulator};
+use hvisor_sim::{SimError, Simulator};
+use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
+use hvisor_transport::ring::HypervisorSide;
 
 /// The bound of every request of a run that fails on a stall; in a run that rescues, how long
 /// a stalled request may take to come late, and then to come after its rescue.

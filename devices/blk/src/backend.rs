@@ -24,18 +24,18 @@ use vm_memory::{ByteValued, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::config_space::read_config;
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, Resubmission};
-use hvisor_vhost_device::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
-use hvisor_vhost_device::{VIRTIO_ID_BLOCK, VirtioDevice};
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, Resubmission};
+use hvisor_vhost_core::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
+use hvisor_vhost_core::{VIRTIO_ID_BLOCK, VirtioDevice};
 
-use crate::config::{Backing, BlkConfig, IoEngine};
-use crate::device::{BlockDevice, Status};
-use crate::queue::{DataPath, Inline, Reply, RequestScratch, complete, process_chain};
-use crate::storage::{FileStorage, IoBuffers, OpenError, Storage};
-use crate::uring::{Finished, UringPath};
+use crate::config::{Backing, BlkConfig};
+use crate::device::BlockDevice;
+use crate::engine::Engine;
+use crate::request::QueueRequests;
+use crate::storage::{EngineOptions, FileStorage, OpenError, Storage};
 use crate::virtio_blk::{
     CONFIG_WRITEBACK_OFFSET, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -56,68 +56,15 @@ fn kick_fd(vring: &VringRwLock) -> Option<std::os::fd::RawFd> {
     vring.get_ref().get_kick().as_ref().map(AsRawFd::as_raw_fd)
 }
 
-/// The data path of one queue.
-enum Engine {
-    Inline(Inline),
-    Uring(Box<UringPath>),
-}
-
-impl<S: Storage> DataPath<S> for Engine {
-    fn read(
-        &mut self,
-        device: &BlockDevice<S>,
-        sector: u64,
-        bufs: IoBuffers<'_>,
-        reply: Reply,
-    ) -> Option<Status> {
-        match self {
-            Engine::Inline(path) => path.read(device, sector, bufs, reply),
-            Engine::Uring(path) => path.read(device, sector, bufs, reply),
-        }
-    }
-
-    fn write(
-        &mut self,
-        device: &BlockDevice<S>,
-        sector: u64,
-        bufs: IoBuffers<'_>,
-        reply: Reply,
-    ) -> Option<Status> {
-        match self {
-            Engine::Inline(path) => path.write(device, sector, bufs, reply),
-            Engine::Uring(path) => path.write(device, sector, bufs, reply),
-        }
-    }
-
-    fn flush(&mut self, device: &BlockDevice<S>, reply: Reply) -> Option<Status> {
-        match self {
-            Engine::Inline(path) => DataPath::<S>::flush(path, device, reply),
-            Engine::Uring(path) => path.flush(device, reply),
-        }
-    }
-}
-
 /// What one queue's worker keeps between kicks, so that serving requests does not allocate.
-struct QueueWorker {
-    scratch: RequestScratch,
-    engine: Engine,
-    finished: Vec<Finished>,
+struct QueueWorker<E> {
+    requests: QueueRequests<E>,
     /// The queue's part of the connection's inflight region, when the frontend set one.
     inflight: Option<InflightQueue>,
 }
 
-#[cfg(test)]
-impl QueueWorker {
-    fn in_flight(&self) -> usize {
-        match &self.engine {
-            Engine::Inline(_) => 0,
-            Engine::Uring(path) => path.in_flight(),
-        }
-    }
-}
-
 /// A virtio-blk device over any [`Storage`].
-pub struct BlkBackend<S = FileStorage> {
+pub struct BlkBackend<S: Storage = FileStorage> {
     device: BlockDevice<S>,
     num_queues: u16,
     queue_size: u16,
@@ -126,7 +73,7 @@ pub struct BlkBackend<S = FileStorage> {
     rings: Rings,
     /// Per-queue state. Each lock is taken only by its queue's worker, and by `stop_vring`
     /// to wait until that worker has finished its batch.
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<Mutex<QueueWorker<S::Engine>>>,
     poll_window: Duration,
 }
 
@@ -143,30 +90,20 @@ impl BlkBackend<FileStorage> {
 
 impl<S: Storage> BlkBackend<S> {
     pub fn with_storage(storage: S, config: &BlkConfig) -> Result<Self, BlkError> {
-        let buffered = storage.buffered();
-        let async_fd = match config.io_engine {
-            IoEngine::IoUring => storage.async_fd(),
-            IoEngine::Sync => None,
-        };
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let spare_cores = usize::from(config.num_queues) < cores;
-        let new_worker = |queue: u16| {
-            let new_path = |fd| UringPath::new(fd, buffered, spare_cores, config.queue_size);
-            let engine = match async_fd.map(new_path) {
-                Some(Ok(path)) => Engine::Uring(Box::new(path)),
-                Some(Err(error)) => {
-                    warn!("queue {queue}: no io_uring ({error}); serving requests inline");
-                    Engine::Inline(Inline)
-                }
-                None => Engine::Inline(Inline),
-            };
-            Mutex::new(QueueWorker {
-                scratch: RequestScratch::default(),
-                engine,
-                finished: Vec::new(),
-                inflight: None,
-            })
+        let options = EngineOptions {
+            kind: config.io_engine,
+            queue_size: config.queue_size,
+            spare_cores: usize::from(config.num_queues) < cores,
         };
+        let workers = (0..config.num_queues)
+            .map(|_| {
+                Mutex::new(QueueWorker {
+                    requests: QueueRequests::new(storage.engine(&options), config.queue_size),
+                    inflight: None,
+                })
+            })
+            .collect();
         Ok(BlkBackend {
             device: BlockDevice::new(storage, config.readonly, &config.serial),
             num_queues: config.num_queues,
@@ -174,7 +111,7 @@ impl<S: Storage> BlkBackend<S> {
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
             rings: Rings::default(),
-            workers: (0..config.num_queues).map(new_worker).collect(),
+            workers,
             poll_window: Duration::from_micros(u64::from(config.poll_us)),
         })
     }
@@ -214,15 +151,13 @@ impl<S: Storage> BlkBackend<S> {
         };
         let mut worker = self.workers[queue_index]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let worker = &mut *worker;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         // Since the last poll window: requests were answered, and the worker slept on the disk.
         let mut worked = false;
         let mut slept_on_disk = false;
-        if let Engine::Uring(path) = &mut worker.engine {
-            path.new_round(&self.device, &mut worker.finished);
-        }
+        worker.requests.engine().begin_round();
         loop {
             let live = queue_is_live(vring);
             let mut completed = 0usize;
@@ -239,15 +174,10 @@ impl<S: Storage> BlkBackend<S> {
                 }
                 completed += self.start_available(vring, &mem, worker, queue_index);
             }
-            if let Engine::Uring(path) = &mut worker.engine {
-                if path.in_flight() > 0 {
-                    path.submit()?;
-                    path.reap(&self.device, &mut worker.finished);
-                }
+            if worker.requests.in_flight() > 0 {
+                worker.requests.engine().submit()?;
             }
-            for done in worker.finished.drain(..) {
-                let used_len = complete(&mem, done.reply, done.status, done.written);
-                let head = done.reply.head;
+            while let Some((head, used_len)) = worker.requests.next_finished(&mem) {
                 let inflight = worker.inflight.as_mut();
                 if self.add_used(vring, inflight, queue_index, head, used_len) {
                     completed += 1;
@@ -259,27 +189,23 @@ impl<S: Storage> BlkBackend<S> {
                     vring.signal_used_queue()?;
                 }
             }
-            if let Engine::Uring(path) = &mut worker.engine {
-                if path.in_flight() > 0 {
-                    if !path.has_completions() {
-                        // About to sleep on the disk: let the driver's next request wake us
-                        // too, so that the disk's queue refills without waiting for a
-                        // completion.
-                        let more = live
-                            && event_idx
-                            && vring.enable_notification().map_err(io::Error::other)?;
-                        if !more {
-                            path.wait(live.then(|| kick_fd(vring)).flatten())?;
-                            slept_on_disk = true;
-                        }
+            if worker.requests.in_flight() > 0 {
+                let engine = worker.requests.engine();
+                if !engine.has_completions() {
+                    // About to sleep on the disk: let the driver's next request wake us too,
+                    // so that the disk's queue refills without waiting for a completion.
+                    let more = live
+                        && event_idx
+                        && vring.enable_notification().map_err(io::Error::other)?;
+                    if !more {
+                        engine.wait(live.then(|| kick_fd(vring)).flatten())?;
+                        slept_on_disk = true;
                     }
-                    continue;
                 }
+                continue;
             }
             if !live {
-                if let Engine::Uring(path) = &mut worker.engine {
-                    path.disarm_kick()?;
-                }
+                worker.requests.engine().stop()?;
                 return Ok(());
             }
             let poll_worthwhile = worked && !slept_on_disk;
@@ -298,7 +224,7 @@ impl<S: Storage> BlkBackend<S> {
         &self,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
-        worker: &mut QueueWorker,
+        worker: &mut QueueWorker<S::Engine>,
         queue_index: usize,
     ) -> usize {
         let mut completed = 0;
@@ -318,18 +244,12 @@ impl<S: Storage> BlkBackend<S> {
         &self,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
-        worker: &mut QueueWorker,
+        worker: &mut QueueWorker<S::Engine>,
         queue_index: usize,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> bool {
         let head = chain.head_index();
-        let Some(used_len) = process_chain(
-            &self.device,
-            mem,
-            chain,
-            &mut worker.scratch,
-            &mut worker.engine,
-        ) else {
+        let Some(used_len) = worker.requests.start(&self.device, mem, chain) else {
             return false;
         };
         self.add_used(vring, worker.inflight.as_mut(), queue_index, head, used_len)
@@ -367,7 +287,7 @@ impl<S: Storage> BlkBackend<S> {
         &self,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
-        worker: &mut QueueWorker,
+        worker: &mut QueueWorker<S::Engine>,
         queue_index: usize,
     ) -> usize {
         let Some(tracker) = worker.inflight.as_mut() else {
@@ -467,7 +387,7 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
         for (index, worker) in (0u16..).zip(&self.workers) {
             let mut worker = worker
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             worker.inflight = region
                 .clone()
                 .and_then(|region| InflightQueue::new(region, index));
@@ -565,10 +485,8 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
         if let Some(worker) = self.workers.get(queue_index as usize) {
             let mut worker = worker
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Engine::Uring(path) = &mut worker.engine {
-                path.disarm_kick()?;
-            }
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            worker.requests.engine().stop()?;
         }
         Ok(())
     }

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
-use hvisor_vhost_device::VirtioDevice;
-use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::VirtioDevice;
+use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
+use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
     returns_within, set_avail_idx, writable,
 };
@@ -21,13 +21,13 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use std::sync::Arc;
 
-use hvisor_vhost_device::inflight::{InflightQueue, InflightRegion, create_region_file};
+use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, create_region_file};
 use virtio_queue::QueueT;
 
-use super::{BlkBackend, Engine};
+use super::BlkBackend;
 use crate::config::BlkConfig;
-use crate::device::tests::FaultyStorage;
 use crate::storage::FileStorage;
+use crate::testing::FaultyStorage;
 use crate::virtio_blk::*;
 use std::sync::atomic::AtomicBool;
 
@@ -67,21 +67,13 @@ impl Rig {
         Self::with_storage(config, FaultyStorage::new(DISK_SIZE), event_idx)
     }
 
-    /// A rig whose reads, writes and flushes go through io_uring.
+    /// A rig whose reads, writes, flushes and zeroings go through io_uring.
     fn uring(event_idx: bool) -> Self {
         let storage = FaultyStorage {
-            async_io: true,
+            ring: true,
             ..FaultyStorage::new(DISK_SIZE)
         };
-        let rig = Self::with_storage(BlkConfig::memory(DISK_SIZE), storage, event_idx);
-        assert!(
-            matches!(
-                &rig.backend.workers[0].lock().unwrap().engine,
-                Engine::Uring(_)
-            ),
-            "io_uring is unavailable"
-        );
-        rig
+        Self::with_storage(BlkConfig::memory(DISK_SIZE), storage, event_idx)
     }
 
     fn with_storage(config: BlkConfig, storage: FaultyStorage, event_idx: bool) -> Self {
@@ -203,7 +195,7 @@ impl Rig {
         returns_within("a kick", KICK_TIMEOUT, move || {
             backend
                 .handle_event(0, EventSet::IN, &vrings, queue)
-                .unwrap()
+                .unwrap();
         });
     }
 
@@ -255,6 +247,15 @@ impl Rig {
             .read_exact_at(&mut out, offset)
             .unwrap();
         out
+    }
+
+    /// Runs a flush on queue 0 and returns (status, used length).
+    fn flush(&mut self) -> (u8, u32) {
+        self.request(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[readable(HEADER, 16), status_buffer()],
+        )
     }
 
     /// Runs one request on queue 0 and returns (status, used length).
@@ -393,7 +394,10 @@ fn io_uring_flush_completes_after_the_writes_before_it() {
         (1..=2).contains(&interrupts),
         "{interrupts} interrupts for 5 requests"
     );
-    assert_eq!(rig.backend.workers[0].lock().unwrap().in_flight(), 0);
+    assert_eq!(
+        rig.backend.workers[0].lock().unwrap().requests.in_flight(),
+        0
+    );
 }
 
 /// A flush that arrives while the worker's kick poll is armed completes (a flush ordered with
@@ -407,8 +411,8 @@ fn io_uring_flush_after_a_wait_on_a_direct_image() {
     };
     let storage = FaultyStorage {
         inner,
-        async_io: true,
-        ..FaultyStorage::new(512)
+        faults: Arc::default(),
+        ring: true,
     };
     let mut rig = Rig::with_storage(BlkConfig::memory(DISK_SIZE), storage, true);
     let done = std::sync::Arc::new(AtomicBool::new(false));
@@ -436,11 +440,7 @@ fn io_uring_flush_after_a_wait_on_a_direct_image() {
             &[readable(HEADER, 16), readable(DATA, 4096), status_buffer()],
         );
         assert_eq!(write, (ok(), 1));
-        let flush = rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()],
-        );
+        let flush = rig.flush();
         assert_eq!(flush, (ok(), 1));
     }
     done.store(true, Ordering::SeqCst);
@@ -465,11 +465,7 @@ fn io_uring_keeps_validation_and_statuses() {
         &[readable(HEADER, 16), readable(DATA, 100), status_buffer()],
     );
     assert_eq!(odd, (ioerr(), 1));
-    let flush = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let flush = rig.flush();
     assert_eq!(flush, (ok(), 1));
 }
 
@@ -532,18 +528,12 @@ fn flush_get_id_and_unknown_types() {
         ..BlkConfig::memory(DISK_SIZE)
     };
     let mut rig = Rig::new(config, false);
-    assert_eq!(
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()]
-        ),
-        (ok(), 1)
-    );
+    assert_eq!(rig.flush(), (ok(), 1));
     assert_eq!(
         rig.backend
             .device()
             .storage()
+            .faults
             .flushes
             .load(Ordering::Relaxed),
         1
@@ -594,9 +584,7 @@ fn range_segment(rig: &Rig, at: u64, sector: u64, sectors: u32, flags: u32) {
     rig.mem.write_obj(segment, GuestAddress(at)).unwrap();
 }
 
-#[test]
-fn discard_and_write_zeroes_clear_ranges() {
-    let mut rig = Rig::default(false);
+fn discard_and_write_zeroes_clear_ranges(mut rig: Rig) {
     rig.fill(DATA, 8192, 0x99);
     rig.request(
         VIRTIO_BLK_T_OUT,
@@ -646,6 +634,16 @@ fn discard_and_write_zeroes_clear_ranges() {
         &[readable(HEADER, 16), readable(DATA, 16), status_buffer()],
     );
     assert_eq!(status, VIRTIO_BLK_S_UNSUPP as u8);
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_ranges_with_the_sync_engine() {
+    discard_and_write_zeroes_clear_ranges(Rig::default(false));
+}
+
+#[test]
+fn discard_and_write_zeroes_clear_ranges_through_io_uring() {
+    discard_and_write_zeroes_clear_ranges(Rig::uring(true));
 }
 
 #[test]
@@ -713,12 +711,13 @@ fn malformed_requests_get_ioerr() {
     assert_eq!(rig.used_idx(0), 7, "every malformed request was answered");
 }
 
-#[test]
-fn storage_failures_get_ioerr() {
-    let mut rig = Rig::default(false);
+/// The fault-injecting storage wraps the engines, so its failures reach every request type
+/// whichever engine serves it.
+fn storage_failures_get_ioerr(mut rig: Rig) {
     rig.backend
         .device()
         .storage()
+        .faults
         .fail
         .store(true, Ordering::Relaxed);
     let (status, len) = rig.request(
@@ -727,15 +726,82 @@ fn storage_failures_get_ioerr() {
         &[readable(HEADER, 16), writable(DATA, 512), status_buffer()],
     );
     assert_eq!((status, len), (ioerr(), 1));
-    assert_eq!(
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()]
-        )
-        .0,
-        ioerr()
+    let write = rig.request(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[readable(HEADER, 16), readable(DATA, 512), status_buffer()],
     );
+    assert_eq!(write, (ioerr(), 1));
+    let flush = rig.flush();
+    assert_eq!(flush, (ioerr(), 1));
+    for request_type in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        range_segment(&rig, DATA, 0, 1, 0);
+        let (status, _) = rig.request(
+            request_type,
+            0,
+            &[readable(HEADER, 16), readable(DATA, 16), status_buffer()],
+        );
+        assert_eq!(status, ioerr(), "request type {request_type}");
+    }
+}
+
+#[test]
+fn storage_failures_get_ioerr_with_the_sync_engine() {
+    storage_failures_get_ioerr(Rig::default(false));
+}
+
+#[test]
+fn storage_failures_get_ioerr_through_io_uring() {
+    storage_failures_get_ioerr(Rig::uring(false));
+}
+
+/// In writethrough mode every write, discard and zeroing is followed by a flush before it
+/// completes; in writeback mode none is.
+fn writethrough_flushes_after_each_change(mut rig: Rig) {
+    let flushes = |rig: &Rig| {
+        rig.backend
+            .device()
+            .storage()
+            .faults
+            .flushes
+            .load(Ordering::Relaxed)
+    };
+    let write = [readable(HEADER, 16), readable(DATA, 512), status_buffer()];
+    assert_eq!(rig.request(VIRTIO_BLK_T_OUT, 0, &write), (ok(), 1));
+    assert_eq!(flushes(&rig), 0);
+    rig.backend
+        .set_config(CONFIG_WRITEBACK_OFFSET as u32, &[0])
+        .unwrap();
+    rig.fill(DATA, 512, 0x3c);
+    assert_eq!(rig.request(VIRTIO_BLK_T_OUT, 0, &write), (ok(), 1));
+    assert_eq!(flushes(&rig), 1);
+    assert!(rig.disk(0, 512).iter().all(|&b| b == 0x3c));
+    range_segment(&rig, DATA, 0, 1, 0);
+    let ranges = [readable(HEADER, 16), readable(DATA, 16), status_buffer()];
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &ranges),
+        (ok(), 1)
+    );
+    assert_eq!(flushes(&rig), 2);
+    assert!(rig.disk(0, 512).iter().all(|&b| b == 0));
+    // A flush that fails fails the write it follows.
+    rig.backend
+        .device()
+        .storage()
+        .faults
+        .fail
+        .store(true, Ordering::Relaxed);
+    assert_eq!(rig.request(VIRTIO_BLK_T_OUT, 0, &write).0, ioerr());
+}
+
+#[test]
+fn writethrough_flushes_after_each_change_with_the_sync_engine() {
+    writethrough_flushes_after_each_change(Rig::default(true));
+}
+
+#[test]
+fn writethrough_flushes_after_each_change_through_io_uring() {
+    writethrough_flushes_after_each_change(Rig::uring(true));
 }
 
 /// Chains that leave no place for a status byte are returned with length 0 and the status
@@ -816,11 +882,7 @@ fn descriptor_loops_and_bad_next_indices_are_dropped() {
     assert_eq!(rig.used(0, 1).1, 0);
     assert_eq!(rig.status(), STATUS_UNTOUCHED);
     // The queue keeps working afterwards.
-    let (status, _) = rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    let (status, _) = rig.flush();
     assert_eq!(status, ok());
 }
 
@@ -867,6 +929,11 @@ fn readonly_disks_refuse_writes_and_offer_ro() {
         );
         assert_eq!(status, ioerr());
     }
+    // Nothing to make durable: a flush succeeds without reaching the storage.
+    let flush = rig.flush();
+    assert_eq!(flush, (ok(), 1));
+    let storage = rig.backend.device().storage();
+    assert_eq!(storage.faults.flushes.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -875,11 +942,7 @@ fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     // used_event sits after the avail ring entries; ask to be notified only at entry 5.
     let used_event = rig.rings(0).avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
     rig.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
-    rig.request(
-        VIRTIO_BLK_T_FLUSH,
-        0,
-        &[readable(HEADER, 16), status_buffer()],
-    );
+    rig.flush();
     assert!(
         rig.calls[0].read().is_err(),
         "notified although used_event was 5"
@@ -887,11 +950,7 @@ fn event_idx_suppresses_notifications_the_driver_did_not_ask_for() {
     // The device publishes avail_event so the driver knows to kick for the next request.
     assert_eq!(rig.used_ring(0).avail_event(), 1);
     for _ in 0..5 {
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()],
-        );
+        rig.flush();
     }
     assert_eq!(
         rig.calls[0].read().unwrap(),
@@ -946,15 +1005,7 @@ fn unexpected_events_are_ignored_without_stopping_the_worker() {
     );
     assert!(rig.backend.handle_event(7, EventSet::IN, vrings, 0).is_ok());
     assert!(rig.backend.handle_event(0, EventSet::IN, vrings, 9).is_ok());
-    assert_eq!(
-        rig.request(
-            VIRTIO_BLK_T_FLUSH,
-            0,
-            &[readable(HEADER, 16), status_buffer()]
-        )
-        .0,
-        ok()
-    );
+    assert_eq!(rig.flush().0, ok());
 }
 
 #[test]

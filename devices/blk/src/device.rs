@@ -1,16 +1,15 @@
 //! Block request semantics, independent of virtqueues and transports.
 //!
-//! [`BlockDevice`] turns one decoded request into storage operations and a status. Everything a
-//! guest can get wrong about sectors, lengths and permissions is checked here; everything it can
-//! get wrong about descriptor chains is checked in [`crate::queue`].
+//! [`BlockDevice`] is the disk as the guest sees it. Everything a guest can get wrong about
+//! sectors, lengths, flags and permissions is checked here, before an engine sees the request;
+//! everything it can get wrong about descriptor chains is checked in [`crate::request`].
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::warn;
 use vm_memory::{Le16, Le32, Le64};
 
-use crate::storage::{IoBuffers, Storage};
+use crate::storage::Storage;
 use crate::virtio_blk::{
     DiscardWriteZeroesSegment, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, VirtioBlkConfig,
@@ -172,74 +171,21 @@ impl<S: Storage> BlockDevice<S> {
         self.data_range("write", sector, len).ok_or(Status::IoError)
     }
 
-    /// The status of a read or write whose transfer has ended with `result`.
-    pub fn transfer_status(
-        &self,
-        what: &str,
-        sector: u64,
-        len: usize,
-        result: io::Result<()>,
-    ) -> Status {
-        match result {
-            Ok(()) => Status::Ok,
-            Err(error) => {
-                warn!("{what} at sector {sector}, {len} bytes: {error}");
-                Status::IoError
-            }
-        }
-    }
-
-    /// Reads `bufs.len()` bytes from `sector` into the buffers.
-    pub fn read(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
-        let offset = match self.read_offset(sector, bufs.len()) {
-            Ok(offset) => offset,
-            Err(status) => return status,
-        };
-        let result = self.storage.read_at(bufs, offset);
-        self.transfer_status("read", sector, bufs.len(), result)
-    }
-
-    /// Writes the buffers at `sector`.
-    pub fn write(&self, sector: u64, bufs: &mut IoBuffers<'_>) -> Status {
-        let offset = match self.write_offset(sector, bufs.len()) {
-            Ok(offset) => offset,
-            Err(status) => return status,
-        };
-        let result = self.storage.write_at(bufs, offset);
-        match self.transfer_status("write", sector, bufs.len(), result) {
-            Status::Ok if !self.writeback() => self.flush(),
-            status => status,
-        }
-    }
-
-    pub fn flush(&self) -> Status {
-        if self.readonly {
-            return Status::Ok;
-        }
-        match self.storage.flush() {
-            Ok(()) => Status::Ok,
-            Err(error) => {
-                warn!("flush: {error}");
-                Status::IoError
-            }
-        }
-    }
-
-    /// Discards or zeroes every segment, in order; stops at the first failure.
-    pub fn apply_ranges(
+    /// Checks a discard or write-zeroes segment list whole, before anything is changed.
+    pub fn check_ranges(
         &self,
         operation: RangeOperation,
         segments: &[DiscardWriteZeroesSegment],
-    ) -> Status {
+    ) -> Result<(), Status> {
         let what = match operation {
             RangeOperation::Discard => "discard",
             RangeOperation::WriteZeroes => "write-zeroes",
         };
         if let Some(status) = self.refuse_if_readonly(what) {
-            return status;
+            return Err(status);
         }
         // Flag checks come first: an unsupported flag anywhere makes the whole request
-        // unsupported, as the spec requires, before anything is changed.
+        // unsupported, as the spec requires.
         let allowed_flags = match operation {
             RangeOperation::Discard => 0,
             RangeOperation::WriteZeroes => VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -249,117 +195,47 @@ impl<S: Storage> BlockDevice<S> {
             .find(|segment| segment.flags.to_native() & !allowed_flags != 0)
         {
             warn!("{what}: unsupported flags {:#x}", segment.flags.to_native());
-            return Status::Unsupported;
+            return Err(Status::Unsupported);
         }
         for segment in segments {
             let sector = segment.sector.to_native();
             let sectors = segment.num_sectors.to_native();
             if sectors > MAX_DISCARD_SECTORS {
                 warn!("{what}: {sectors} sectors exceed the limit of {MAX_DISCARD_SECTORS}");
-                return Status::IoError;
+                return Err(Status::IoError);
             }
             let len = u64::from(sectors) << SECTOR_SHIFT;
-            let Some(offset) = self.checked_range(what, sector, len) else {
-                return Status::IoError;
-            };
-            let result = match operation {
-                RangeOperation::Discard => self.storage.discard(offset, len),
-                RangeOperation::WriteZeroes => {
-                    let unmap = segment.flags.to_native() & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                    self.storage.write_zeroes(offset, len, unmap)
-                }
-            };
-            if let Err(error) = result {
-                warn!("{what} at sector {sector}, {sectors} sectors: {error}");
-                return Status::IoError;
+            if self.checked_range(what, sector, len).is_none() {
+                return Err(Status::IoError);
             }
         }
-        if self.writeback() {
-            Status::Ok
-        } else {
-            self.flush()
-        }
+        Ok(())
     }
 }
 
+/// The byte offset, length and unmap permission of a segment [`BlockDevice::check_ranges`]
+/// accepted. A discard is a zeroing that may unmap: this device's discards leave zeroes.
+pub fn zeroing(operation: RangeOperation, segment: &DiscardWriteZeroesSegment) -> (u64, u64, bool) {
+    let offset = segment.sector.to_native() << SECTOR_SHIFT;
+    let len = u64::from(segment.num_sectors.to_native()) << SECTOR_SHIFT;
+    let may_unmap = match operation {
+        RangeOperation::Discard => true,
+        RangeOperation::WriteZeroes => {
+            segment.flags.to_native() & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
+        }
+    };
+    (offset, len, may_unmap)
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::storage::FileStorage;
-    use std::sync::atomic::AtomicUsize;
-    use vm_memory::VolatileSlice;
 
-    /// Storage whose operations fail on demand and that counts flushes.
-    pub(crate) struct FaultyStorage {
-        pub inner: FileStorage,
-        pub fail: AtomicBool,
-        pub flushes: AtomicUsize,
-        /// Lets io_uring reach the file: its transfers and flushes then bypass `fail` and
-        /// `flushes`.
-        pub async_io: bool,
-    }
+    const DISK_SIZE: u64 = 64 * 1024;
 
-    impl FaultyStorage {
-        pub fn new(size: u64) -> Self {
-            FaultyStorage {
-                inner: FileStorage::memory(size).unwrap(),
-                fail: AtomicBool::new(false),
-                flushes: AtomicUsize::new(0),
-                async_io: false,
-            }
-        }
-
-        fn check(&self) -> io::Result<()> {
-            if self.fail.load(Ordering::Relaxed) {
-                Err(io::Error::from_raw_os_error(libc::EIO))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    impl Storage for FaultyStorage {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn async_fd(&self) -> Option<std::os::fd::RawFd> {
-            self.async_io.then(|| self.inner.async_fd()).flatten()
-        }
-        /// With io_uring, claims O_DIRECT so that writes take the ring too.
-        fn buffered(&self) -> bool {
-            !self.async_io
-        }
-        fn logical_block_size(&self) -> u32 {
-            self.inner.logical_block_size()
-        }
-        fn physical_block_size(&self) -> u32 {
-            self.inner.physical_block_size()
-        }
-        fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
-            self.check()?;
-            self.inner.read_at(bufs, offset)
-        }
-        fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
-            self.check()?;
-            self.inner.write_at(bufs, offset)
-        }
-        fn flush(&self) -> io::Result<()> {
-            self.check()?;
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            self.inner.flush()
-        }
-        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-            self.check()?;
-            self.inner.discard(offset, len)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-            self.check()?;
-            self.inner.write_zeroes(offset, len, may_unmap)
-        }
-    }
-
-    fn device(readonly: bool) -> BlockDevice<FaultyStorage> {
-        BlockDevice::new(FaultyStorage::new(64 * 1024), readonly, "disk-1")
+    fn device(readonly: bool) -> BlockDevice<FileStorage> {
+        BlockDevice::new(FileStorage::memory(DISK_SIZE).unwrap(), readonly, "disk-1")
     }
 
     fn segment(sector: u64, num_sectors: u32, flags: u32) -> DiscardWriteZeroesSegment {
@@ -370,129 +246,109 @@ pub(crate) mod tests {
         }
     }
 
-    fn write(device: &BlockDevice<FaultyStorage>, sector: u64, data: &mut [u8]) -> Status {
-        let mut iovecs = Vec::new();
-        let mut bufs = IoBuffers::new(&mut iovecs);
-        bufs.push(&VolatileSlice::from(data));
-        device.write(sector, &mut bufs)
-    }
-
-    fn read(device: &BlockDevice<FaultyStorage>, sector: u64, len: usize) -> (Status, Vec<u8>) {
-        let mut data = vec![0u8; len];
-        let mut iovecs = Vec::new();
-        let mut bufs = IoBuffers::new(&mut iovecs);
-        bufs.push(&VolatileSlice::from(&mut data[..]));
-        let status = device.read(sector, &mut bufs);
-        (status, data)
-    }
-
-    #[test]
-    fn write_then_read_round_trips() {
-        let device = device(false);
-        assert_eq!(write(&device, 3, &mut [0x11; 1024]), Status::Ok);
-        let (status, data) = read(&device, 3, 1024);
-        assert_eq!(status, Status::Ok);
-        assert!(data.iter().all(|&b| b == 0x11));
-    }
-
     #[test]
     fn ranges_beyond_the_disk_or_overflowing_fail() {
         let device = device(false);
         let last = device.capacity_sectors() - 1;
-        assert_eq!(read(&device, last, 512).0, Status::Ok);
-        assert_eq!(read(&device, last, 1024).0, Status::IoError);
-        assert_eq!(read(&device, u64::MAX, 512).0, Status::IoError);
-        assert_eq!(read(&device, u64::MAX >> 9, 1024).0, Status::IoError);
-        assert_eq!(write(&device, last + 1, &mut [0; 512]), Status::IoError);
-        assert_eq!(read(&device, 0, 100).0, Status::IoError, "not sector sized");
+        assert_eq!(device.read_offset(last, 512), Ok(last * 512));
+        assert_eq!(device.read_offset(last, 1024), Err(Status::IoError));
+        assert_eq!(device.read_offset(u64::MAX, 512), Err(Status::IoError));
+        assert_eq!(
+            device.read_offset(u64::MAX >> 9, 1024),
+            Err(Status::IoError)
+        );
+        assert_eq!(device.write_offset(last + 1, 512), Err(Status::IoError));
+        assert_eq!(device.write_offset(3, 1024), Ok(3 * 512));
+        assert_eq!(
+            device.read_offset(0, 100),
+            Err(Status::IoError),
+            "not sector sized"
+        );
     }
 
     #[test]
     fn readonly_refuses_every_change() {
         let device = device(true);
-        assert_eq!(write(&device, 0, &mut [1; 512]), Status::IoError);
-        assert_eq!(
-            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 0)]),
-            Status::IoError
-        );
-        assert_eq!(
-            device.apply_ranges(RangeOperation::WriteZeroes, &[segment(0, 1, 0)]),
-            Status::IoError
-        );
-        assert_eq!(device.flush(), Status::Ok);
-        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 0);
+        assert_eq!(device.read_offset(0, 512), Ok(0));
+        assert_eq!(device.write_offset(0, 512), Err(Status::IoError));
+        for operation in [RangeOperation::Discard, RangeOperation::WriteZeroes] {
+            assert_eq!(
+                device.check_ranges(operation, &[segment(0, 1, 0)]),
+                Err(Status::IoError)
+            );
+        }
     }
 
     #[test]
     fn discard_and_write_zeroes_check_flags_and_ranges() {
         let device = device(false);
-        assert_eq!(write(&device, 0, &mut [0xee; 8192]), Status::Ok);
         assert_eq!(
-            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 1)]),
-            Status::Unsupported,
+            device.check_ranges(RangeOperation::Discard, &[segment(0, 1, 1)]),
+            Err(Status::Unsupported),
             "discard must not carry the unmap flag"
         );
         assert_eq!(
-            device.apply_ranges(RangeOperation::WriteZeroes, &[segment(0, 1, 2)]),
-            Status::Unsupported
+            device.check_ranges(RangeOperation::WriteZeroes, &[segment(0, 1, 2)]),
+            Err(Status::Unsupported)
         );
         assert_eq!(
-            device.apply_ranges(RangeOperation::Discard, &[segment(u64::MAX, 1, 0)]),
-            Status::IoError
+            device.check_ranges(
+                RangeOperation::WriteZeroes,
+                &[segment(u64::MAX, 1, 0), segment(0, 1, 2)]
+            ),
+            Err(Status::Unsupported),
+            "flags are checked before any range"
         );
         assert_eq!(
-            device.apply_ranges(
+            device.check_ranges(RangeOperation::Discard, &[segment(u64::MAX, 1, 0)]),
+            Err(Status::IoError)
+        );
+        assert_eq!(
+            device.check_ranges(
                 RangeOperation::Discard,
                 &[segment(0, MAX_DISCARD_SECTORS + 1, 0)]
             ),
-            Status::IoError
-        );
-        let segments = [
-            segment(0, 2, 0),
-            segment(8, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
-        ];
-        assert_eq!(
-            device.apply_ranges(RangeOperation::WriteZeroes, &segments),
-            Status::Ok
+            Err(Status::IoError)
         );
         assert_eq!(
-            device.apply_ranges(RangeOperation::Discard, &[segment(12, 1, 0)]),
-            Status::Ok
+            device.check_ranges(
+                RangeOperation::Discard,
+                &[segment(0, 1, 0), segment(DISK_SIZE / 512, 1, 0)]
+            ),
+            Err(Status::IoError),
+            "a bad segment after a good one fails the whole list"
         );
-        let (_, data) = read(&device, 0, 8192);
-        assert!(data[..1024].iter().all(|&b| b == 0));
-        assert!(data[1024..4096].iter().all(|&b| b == 0xee));
-        assert!(data[4096..6656].iter().all(|&b| b == 0));
-        assert!(data[6656..].iter().all(|&b| b == 0xee));
-    }
-
-    #[test]
-    fn storage_errors_become_ioerr() {
-        let device = device(false);
-        device.storage().fail.store(true, Ordering::Relaxed);
-        assert_eq!(read(&device, 0, 512).0, Status::IoError);
-        assert_eq!(write(&device, 0, &mut [0; 512]), Status::IoError);
-        assert_eq!(device.flush(), Status::IoError);
+        let unmap = segment(8, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
         assert_eq!(
-            device.apply_ranges(RangeOperation::Discard, &[segment(0, 1, 0)]),
-            Status::IoError
+            device.check_ranges(RangeOperation::WriteZeroes, &[segment(0, 2, 0), unmap]),
+            Ok(())
+        );
+        assert_eq!(
+            zeroing(RangeOperation::WriteZeroes, &segment(0, 2, 0)),
+            (0, 1024, false)
+        );
+        assert_eq!(
+            zeroing(RangeOperation::WriteZeroes, &unmap),
+            (4096, 2048, true)
+        );
+        assert_eq!(
+            zeroing(RangeOperation::Discard, &segment(12, 1, 0)),
+            (6144, 512, true)
         );
     }
 
     #[test]
-    fn writethrough_flushes_after_each_write() {
+    fn writethrough_is_reported_in_the_config_space() {
         let device = device(false);
-        assert_eq!(write(&device, 0, &mut [0; 512]), Status::Ok);
-        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 0);
+        assert_eq!(device.config_space(1, 126).writeback, 1);
         device.set_writeback(false);
-        assert_eq!(write(&device, 0, &mut [0; 512]), Status::Ok);
-        assert_eq!(device.storage().flushes.load(Ordering::Relaxed), 1);
+        assert!(!device.writeback());
         assert_eq!(device.config_space(1, 126).writeback, 0);
     }
 
     #[test]
     fn config_space_describes_the_disk() {
-        let device = BlockDevice::new(FaultyStorage::new(1 << 20), false, "x");
+        let device = BlockDevice::new(FileStorage::memory(1 << 20).unwrap(), false, "x");
         let config = device.config_space(4, 254);
         assert_eq!(config.capacity.to_native(), 2048);
         assert_eq!(config.num_queues.to_native(), 4);

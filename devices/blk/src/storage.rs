@@ -1,8 +1,9 @@
 //! Backing stores: a raw image file, a block device, or an in-memory disk.
 //!
-//! Data moves between guest memory and the backing file with `preadv`/`pwritev` straight on the
-//! guest's buffers (zero-copy). [`IoBuffers`] is the only way to name those buffers, and it can
-//! only be built from [`VolatileSlice`]s, which vouch for the memory behind each pointer.
+//! A [`Storage`] describes the disk and gives each queue the [`Engine`] that carries out its
+//! operations. Data moves between guest memory and the backing file straight on the guest's
+//! buffers (zero-copy). [`IoBuffers`] is the only way to name those buffers, and it can only be
+//! built from [`VolatileSlice`]s, which vouch for the memory behind each pointer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -10,11 +11,15 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use log::warn;
 use vm_memory::VolatileSlice;
 use vm_memory::bitmap::BitmapSlice;
 
+use crate::config::IoEngine;
+use crate::engine::{Engine, FileEngine, SyncEngine};
+use crate::uring::UringEngine;
 use crate::virtio_blk::SECTOR_SIZE;
 
 /// `_IOR(0x12, 114, size_t)`: device size in bytes (not exported by the libc crate).
@@ -101,7 +106,7 @@ impl<'a> IoBuffers<'a> {
         self.len == 0
     }
 
-    /// Hands the list to an asynchronous engine, leaving `spare` (cleared) in its place, so
+    /// Hands the list to an engine that completes it later, leaving `spare` (cleared) in its place, so
     /// that neither side allocates.
     ///
     /// The pointers in the returned list are valid only while the guest memory they came from
@@ -111,7 +116,7 @@ impl<'a> IoBuffers<'a> {
         std::mem::swap(self.iovecs, spare);
     }
 
-    /// Rebuilds the list of a request that an asynchronous engine started, to finish it here.
+    /// Rebuilds the list of an operation that an engine started, to finish it here.
     ///
     /// # Safety
     /// Every entry of `iovecs` must point to guest memory that stays mapped and unaliased by
@@ -155,7 +160,7 @@ pub(crate) enum Direction {
     Write,
 }
 
-/// What kind of object backs the disk; decides how discard and zeroing are done.
+/// What kind of object backs the disk; decides how ranges are zeroed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackingKind {
     RegularFile,
@@ -163,35 +168,31 @@ pub enum BackingKind {
     Memory,
 }
 
-/// The block-level operations the device needs from a backing store.
+/// What a queue's engine is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub kind: IoEngine,
+    /// Requests the queue may have in flight at once (its size).
+    pub queue_size: u16,
+    /// The host has more cores than the device has queues.
+    pub spare_cores: bool,
+}
+
+/// A disk as the device needs it: its geometry, and an engine per queue for its operations.
 ///
-/// Offsets and lengths are in bytes; callers have checked them against [`Storage::size`].
+/// Every read, write, flush and zeroing of a queue goes through the engine `engine` returns,
+/// so a store that wraps another sees them all by wrapping its engine too.
 pub trait Storage: Send + Sync {
+    type Engine: Engine;
     fn size(&self) -> u64;
-    /// A descriptor on which an asynchronous engine may issue the same reads and writes as
-    /// `read_at`/`write_at`, with the same effect. `None` (the default) keeps every transfer on
-    /// `read_at`/`write_at`, e.g. for stores that are not a plain file.
-    fn async_fd(&self) -> Option<RawFd> {
-        None
-    }
-    /// Whether transfers go through the host page cache (no O_DIRECT).
-    fn buffered(&self) -> bool {
-        true
-    }
     /// Logical block size the device reports (`blk_size`).
     fn logical_block_size(&self) -> u32;
     /// Physical block size, reported through the topology fields.
     fn physical_block_size(&self) -> u32;
-    /// Fills every buffer, or fails.
-    fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()>;
-    /// Writes every buffer, or fails.
-    fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()>;
-    /// Makes completed writes durable.
+    /// Makes completed writes durable, outside any queue (when the device stops).
     fn flush(&self) -> io::Result<()>;
-    /// Deallocates a range. Reads of it return zeroes afterwards.
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Zeroes a range; with `may_unmap` the space may be deallocated as well.
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+    /// The engine of one queue.
+    fn engine(&self, options: &EngineOptions) -> Self::Engine;
 }
 
 /// Errors opening a backing store; each names the offending input.
@@ -216,6 +217,14 @@ pub enum OpenError {
 /// A disk backed by a file descriptor: image file, block device or memfd.
 #[derive(Debug)]
 pub struct FileStorage {
+    /// Shared with the queues' engines.
+    pub(crate) disk: Arc<FileDisk>,
+}
+
+/// The open backing file and the synchronous operations on it, which every engine of a
+/// [`FileStorage`] falls back on.
+#[derive(Debug)]
+pub(crate) struct FileDisk {
     file: File,
     /// Opened with O_DIRECT: unaligned guest buffers go through a bounce buffer.
     direct: bool,
@@ -269,14 +278,14 @@ impl FileStorage {
                 size,
             });
         }
-        Ok(FileStorage {
+        Ok(FileStorage::with_disk(FileDisk {
             file,
             direct,
             kind,
             size,
             logical_block_size: logical,
             physical_block_size: physical.max(logical),
-        })
+        }))
     }
 
     /// Creates a zero-filled in-memory disk (a memfd, so the same I/O path serves it).
@@ -292,23 +301,87 @@ impl FileStorage {
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).map_err(OpenError::Memory)?;
-        Ok(FileStorage {
+        Ok(FileStorage::with_disk(FileDisk {
             file,
             direct: false,
             kind: BackingKind::Memory,
             size,
             logical_block_size: 512,
             physical_block_size: 4096,
-        })
+        }))
+    }
+
+    fn with_disk(disk: FileDisk) -> Self {
+        FileStorage {
+            disk: Arc::new(disk),
+        }
     }
 
     /// The open backing file, e.g. to inspect an in-memory disk.
     pub fn file(&self) -> &File {
-        &self.file
+        &self.disk.file
     }
 
     pub fn kind(&self) -> BackingKind {
-        self.kind
+        self.disk.kind
+    }
+}
+
+impl FileDisk {
+    /// The descriptor engines issue their operations on.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Whether transfers go through the host page cache (no O_DIRECT).
+    pub(crate) fn buffered(&self) -> bool {
+        !self.direct
+    }
+
+    /// Fills every buffer, or fails.
+    pub(crate) fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Read, bufs, offset)
+    }
+
+    /// Writes every buffer, or fails.
+    pub(crate) fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Write, bufs, offset)
+    }
+
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// The `fallocate` mode a zeroing tries first, or `None` on a block device, which zeroes
+    /// with an ioctl.
+    pub(crate) fn zeroing_mode(&self, may_unmap: bool) -> Option<libc::c_int> {
+        match (self.kind, may_unmap) {
+            (BackingKind::BlockDevice, _) => None,
+            (_, true) => Some(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            (_, false) => Some(libc::FALLOC_FL_ZERO_RANGE),
+        }
+    }
+
+    /// Leaves zeroes in a range: a hole where `may_unmap` allows it, else zeroed blocks
+    /// (BLKZEROOUT on block devices, which unmaps where the device can), else zero bytes
+    /// written where the file system supports neither.
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let mode = self.zeroing_mode(may_unmap);
+        let mut zeroed = match mode {
+            None => self.zero_out_block_device(offset, len),
+            Some(mode) => self.fallocate(mode, offset, len),
+        };
+        // A file system without holes may still zero its blocks in place.
+        if may_unmap && mode.is_some() && zeroed.as_ref().is_err_and(is_unsupported) {
+            zeroed = self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len);
+        }
+        match zeroed {
+            Err(error) if is_unsupported(&error) => {
+                warn!("zeroing in place is unsupported here ({error}); writing zero bytes");
+                self.write_zero_bytes(offset, len)
+            }
+            other => other,
+        }
     }
 
     fn transfer(
@@ -373,11 +446,11 @@ impl FileStorage {
         }
     }
 
-    fn block_device_range(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    fn zero_out_block_device(&self, offset: u64, len: u64) -> io::Result<()> {
         let range: [u64; 2] = [offset, len];
-        // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 from the pointer, which points to
-        // `range`, alive for the call.
-        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), request as _, range.as_ptr()) };
+        // SAFETY: BLKZEROOUT reads two u64 from the pointer, which points to `range`, alive for
+        // the call.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
         if ret < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -398,22 +471,6 @@ impl FileStorage {
             done += now as u64;
         }
         Ok(())
-    }
-
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-    }
-
-    /// Tries `first`; when the file system does not support it, writes zero bytes instead.
-    fn or_zero_bytes(&self, first: io::Result<()>, offset: u64, len: u64) -> io::Result<()> {
-        match first {
-            Err(error) if is_unsupported(&error) => self.write_zero_bytes(offset, len),
-            other => other,
-        }
     }
 }
 
@@ -474,7 +531,7 @@ fn copy_between(iovecs: &[libc::iovec], bounce: &mut [u8], direction: Direction)
         unsafe {
             match direction {
                 Direction::Write => {
-                    std::ptr::copy_nonoverlapping(guest, part.as_mut_ptr(), part.len())
+                    std::ptr::copy_nonoverlapping(guest, part.as_mut_ptr(), part.len());
                 }
                 Direction::Read => std::ptr::copy_nonoverlapping(part.as_ptr(), guest, part.len()),
             }
@@ -483,7 +540,8 @@ fn copy_between(iovecs: &[libc::iovec], bounce: &mut [u8], direction: Direction)
     }
 }
 
-fn is_unsupported(error: &io::Error) -> bool {
+/// Whether an operation failed because the file system, device or kernel does not offer it.
+pub(crate) fn is_unsupported(error: &io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENOSYS)
@@ -493,7 +551,7 @@ fn is_unsupported(error: &io::Error) -> bool {
 fn block_device_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
     let mut value = 0u64;
     // SAFETY: the request writes one u64 to the pointer, which points to `value`.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut value as *mut u64) };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &raw mut value) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -504,13 +562,7 @@ fn block_device_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
 fn block_device_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
     // SAFETY: the request writes one int to the pointer, which points to `value`.
-    let ret = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            request as _,
-            &mut value as *mut libc::c_int,
-        )
-    };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &raw mut value) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -518,65 +570,39 @@ fn block_device_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
 }
 
 impl Storage for FileStorage {
+    type Engine = FileEngine;
+
     fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn async_fd(&self) -> Option<RawFd> {
-        Some(self.file.as_raw_fd())
-    }
-
-    fn buffered(&self) -> bool {
-        !self.direct
+        self.disk.size
     }
 
     fn logical_block_size(&self) -> u32 {
-        self.logical_block_size
+        self.disk.logical_block_size
     }
 
     fn physical_block_size(&self) -> u32 {
-        self.physical_block_size
-    }
-
-    fn read_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
-        self.transfer(Direction::Read, bufs, offset)
-    }
-
-    fn write_at(&self, bufs: &mut IoBuffers<'_>, offset: u64) -> io::Result<()> {
-        self.transfer(Direction::Write, bufs, offset)
+        self.disk.physical_block_size
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.disk.flush()
     }
 
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.kind {
-            BackingKind::RegularFile | BackingKind::Memory => {
-                self.or_zero_bytes(self.punch_hole(offset, len), offset, len)
-            }
-            // BLKDISCARD does not promise zeroes on every device; BLKZEROOUT with unmap does.
-            BackingKind::BlockDevice => self.write_zeroes(offset, len, true),
-        }
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let first = match (self.kind, may_unmap) {
-            (BackingKind::BlockDevice, _) => self.block_device_range(BLKZEROOUT, offset, len),
-            (_, true) => match self.punch_hole(offset, len) {
-                Err(error) if is_unsupported(&error) => {
-                    self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+    fn engine(&self, options: &EngineOptions) -> FileEngine {
+        let sync = || FileEngine::Sync(SyncEngine::new(self.disk.clone()));
+        match options.kind {
+            IoEngine::Sync => sync(),
+            IoEngine::IoUring => {
+                let buffered = self.disk.buffered();
+                match UringEngine::new(self.disk.clone(), buffered, options) {
+                    Ok(engine) => FileEngine::IoUring(Box::new(engine)),
+                    Err(error) => {
+                        warn!("no io_uring ({error}); this queue uses the sync engine");
+                        sync()
+                    }
                 }
-                other => other,
-            },
-            (_, false) => self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len),
-        };
-        if let Err(error) = &first {
-            if is_unsupported(error) {
-                warn!("zeroing in place is unsupported here ({error}); writing zero bytes");
             }
         }
-        self.or_zero_bytes(first, offset, len)
     }
 }
 
@@ -603,16 +629,16 @@ mod tests {
         bufs.push(&VolatileSlice::from(&mut first[..]));
         bufs.push(&VolatileSlice::from(&mut second[..]));
         assert_eq!(bufs.len(), 1024);
-        storage.read_at(&mut bufs, 512).unwrap();
+        storage.disk.read_at(&mut bufs, 512).unwrap();
         assert_eq!(first[..], content[512..1512]);
         assert_eq!(second[..], content[1512..1536]);
 
         let mut replacement = vec![0xabu8; 512];
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut replacement[..]));
-        storage.write_at(&mut bufs, 0).unwrap();
+        storage.disk.write_at(&mut bufs, 0).unwrap();
         let mut back = vec![0u8; 512];
-        storage.file.read_exact_at(&mut back, 0).unwrap();
+        storage.file().read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, replacement);
     }
 
@@ -634,12 +660,12 @@ mod tests {
         let mut iovecs = Vec::new();
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut unaligned[..]));
-        storage.read_at(&mut bufs, 4096).unwrap();
+        storage.disk.read_at(&mut bufs, 4096).unwrap();
         assert_eq!(unaligned[..], content[4096..8192]);
         unaligned.fill(0x3c);
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut unaligned[..]));
-        storage.write_at(&mut bufs, 8192).unwrap();
+        storage.disk.write_at(&mut bufs, 8192).unwrap();
         let mut back = vec![0u8; 4096];
         std::fs::File::open(image.path())
             .unwrap()
@@ -672,11 +698,11 @@ mod tests {
     #[test]
     fn discard_and_write_zeroes_leave_zeroes() {
         let (_image, storage) = storage_with(&[0x5a; 16384]);
-        storage.discard(4096, 4096).unwrap();
-        storage.write_zeroes(8192, 1024, false).unwrap();
-        storage.write_zeroes(12288, 512, true).unwrap();
+        storage.disk.write_zeroes(4096, 4096, true).unwrap();
+        storage.disk.write_zeroes(8192, 1024, false).unwrap();
+        storage.disk.write_zeroes(12288, 512, true).unwrap();
         let mut back = vec![0u8; 16384];
-        storage.file.read_exact_at(&mut back, 0).unwrap();
+        storage.file().read_exact_at(&mut back, 0).unwrap();
         assert!(back[..4096].iter().all(|&b| b == 0x5a));
         assert!(back[4096..9216].iter().all(|&b| b == 0));
         assert!(back[9216..12288].iter().all(|&b| b == 0x5a));
@@ -693,14 +719,14 @@ mod tests {
         let mut iovecs = Vec::new();
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut data[..]));
-        storage.write_at(&mut bufs, 8192).unwrap();
-        storage.write_zeroes(8192, 512, false).unwrap();
-        storage.discard(9216, 512).unwrap();
-        storage.flush().unwrap();
+        storage.disk.write_at(&mut bufs, 8192).unwrap();
+        storage.disk.write_zeroes(8192, 512, false).unwrap();
+        storage.disk.write_zeroes(9216, 512, true).unwrap();
+        storage.disk.flush().unwrap();
         let mut back = vec![1u8; 4096];
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut back[..]));
-        storage.read_at(&mut bufs, 8192).unwrap();
+        storage.disk.read_at(&mut bufs, 8192).unwrap();
         assert!(back[..512].iter().all(|&b| b == 0));
         assert!(back[512..1024].iter().all(|&b| b == 7));
         assert!(back[1024..1536].iter().all(|&b| b == 0));

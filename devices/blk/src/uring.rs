@@ -1,29 +1,30 @@
-//! The io_uring data path of one queue worker.
+//! The io_uring engine of one queue.
 //!
-//! Every read, write and flush popped in one pass over the available ring is queued as an SQE
-//! and the whole batch goes to the kernel in one `io_uring_enter`; the requests then run
-//! concurrently (O_DIRECT reads and writes asynchronously in the block layer). Through the page
-//! cache, small reads whose data is cached and all writes are served on the worker thread
-//! instead, which is cheaper than a trip through the ring; reads that would wait for the disk
-//! still take it. Data moves straight between guest memory and the file: the SQEs carry the
-//! guest buffers' iovecs.
+//! Every read, write, flush and zeroing started in one pass over the available ring is queued
+//! as an SQE and the whole batch goes to the kernel in one `io_uring_enter`; the operations
+//! then run concurrently (O_DIRECT reads and writes asynchronously in the block layer, zeroing
+//! on io_uring's worker threads). Through the page cache, small reads whose data is cached and
+//! all writes are executed on the queue's thread instead, which is cheaper than a trip through
+//! the ring; reads that would wait for the disk still take it. Data moves straight between
+//! guest memory and the file: the SQEs carry the guest buffers' iovecs.
 //!
-//! A slot per possible in-flight request (one per queue entry) keeps each request's iovecs
+//! A slot per possible in-flight operation (one per queue entry) keeps each operation's iovecs
 //! alive and stable until its completion; slots and their iovec lists are reused, so the data
 //! path does not allocate once the lists have grown to the largest request seen.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use io_uring::{IoUring, opcode, squeue, types};
 use log::{debug, warn};
 
-use crate::device::{BlockDevice, Status};
-use crate::queue::{DataPath, Reply};
-use crate::storage::{IoBuffers, Storage};
+use crate::engine::{Completion, Engine, Outcome};
+use crate::storage::{EngineOptions, FileDisk, IoBuffers, is_unsupported};
 
-/// Linux refuses longer iovec lists in one READV/WRITEV; such requests are served inline.
+/// Linux refuses longer iovec lists in one READV/WRITEV; such transfers run on the queue's
+/// thread.
 const IOV_MAX: usize = 1024;
 
 /// Marks the completions of the poll on the queue's kick descriptor (the low bits count the
@@ -45,50 +46,58 @@ enum Operation {
     Read,
     Write,
     Flush,
+    WriteZeroes { may_unmap: bool },
 }
 
-/// One request the kernel is working on.
+impl Operation {
+    /// Whether a later flush must wait for it.
+    fn changes_data(self) -> bool {
+        matches!(self, Operation::Write | Operation::WriteZeroes { .. })
+    }
+}
+
+/// One operation the kernel is working on.
 struct Slot {
-    /// Taken by a request that has not completed yet.
+    /// Taken by an operation that has not completed yet.
     busy: bool,
-    /// Order in which the requests were started, for flushes to wait for earlier writes.
+    /// Order in which the operations were started, for flushes to wait for earlier writes.
     seq: u64,
-    reply: Reply,
+    /// The caller's tag, returned with the completion.
+    tag: u64,
     operation: Operation,
-    sector: u64,
     offset: u64,
-    len: usize,
-    /// The guest buffers; the kernel may read this list until the request completes.
+    /// Bytes to transfer or zero.
+    len: u64,
+    /// The guest buffers; the kernel may read this list until the operation completes.
     iovecs: Vec<libc::iovec>,
 }
 
-/// A request that has finished: the answer to write back to the guest.
-pub struct Finished {
-    pub reply: Reply,
-    pub status: Status,
-    pub written: u32,
-}
-
-pub struct UringPath {
+pub struct UringEngine {
     ring: IoUring,
-    fd: RawFd,
-    /// The file goes through the page cache. Buffered writes are then served inline: file
-    /// systems without asynchronous buffered writes (ext4) hand each one to an io_uring worker
-    /// thread, a hop that costs more than the copy, and parallel writers serialise on the inode
-    /// lock anyway. O_DIRECT transfers are asynchronous in the block layer and take the ring.
+    disk: Arc<FileDisk>,
+    /// The file goes through the page cache. Buffered writes are then executed on the queue's
+    /// thread: file systems without asynchronous buffered writes (ext4) hand each one to an
+    /// io_uring worker thread, a hop that costs more than the copy, and parallel writers
+    /// serialise on the inode lock anyway. O_DIRECT transfers are asynchronous in the block
+    /// layer and take the ring.
     buffered: bool,
     /// The kernel and file system take `RWF_NOWAIT` reads (false once one was refused).
     nowait_reads: bool,
+    /// Whether zeroings that may unmap (index 1) and that may not (index 0) take the ring:
+    /// false once the kernel or file system refused that kind there, which the synchronous
+    /// path then works around.
+    ring_zeroing: [bool; 2],
     /// Page-cache reads from this size on go to io_uring's worker threads (see
     /// `OFFLOAD_BYTES`); `usize::MAX` when there are no cores to spare.
     offload_bytes: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
-    in_flight: usize,
     next_seq: u64,
+    /// Operations that have ended, in the order their completions were collected.
+    completed: VecDeque<Completion>,
     /// Flushes (slot, first later sequence number) waiting for the writes started before them.
     /// Ordering is done here rather than with IOSQE_IO_DRAIN, which would also wait for the
-    /// kick poll (and so for the driver's next kick) and hold back every later request.
+    /// kick poll (and so for the driver's next kick) and hold back every later operation.
     deferred_flushes: VecDeque<(usize, u64)>,
     /// The kick descriptor with a multishot poll armed on it (and that poll's tag), so that
     /// every kick ends a wait for completions. The kick stays unconsumed: the transport reads
@@ -103,16 +112,21 @@ pub struct UringPath {
     kick_poll_ended: bool,
 }
 
-// SAFETY: the raw pointers in the slots' iovec lists are only dereferenced by the kernel while a
-// request is in flight, and the worker that owns the engine does not let the guest-memory borrow
-// go before every request has completed (see `BlkBackend::process_queue`).
-unsafe impl Send for UringPath {}
+// SAFETY: the raw pointers in the slots' iovec lists are only dereferenced by the kernel while an
+// operation is in flight, and the worker that owns the engine does not let the guest-memory
+// borrow go before every operation has completed (see `BlkBackend::process_queue`).
+unsafe impl Send for UringEngine {}
 
-impl UringPath {
-    /// A ring for up to `depth` requests in flight on `fd`; `buffered` when `fd` goes through
-    /// the page cache; `spare_cores` when the host has more cores than the device has queues.
-    pub fn new(fd: RawFd, buffered: bool, spare_cores: bool, depth: u16) -> io::Result<Self> {
-        // Room for every request plus the kick poll and its cancellation.
+impl UringEngine {
+    /// A ring on `disk` for a queue of `options.queue_size` requests; `buffered` when the
+    /// file goes through the page cache.
+    pub(crate) fn new(
+        disk: Arc<FileDisk>,
+        buffered: bool,
+        options: &EngineOptions,
+    ) -> io::Result<Self> {
+        let depth = options.queue_size;
+        // Room for every operation plus the kick poll and its cancellation.
         let entries = u32::from(depth) + 2;
         // Cooperative task running saves an inter-processor interrupt per completion; kernels
         // before 5.19 refuse the flag, and a plain ring works the same, a little slower.
@@ -123,30 +137,27 @@ impl UringPath {
         let empty_slot = || Slot {
             busy: false,
             seq: 0,
-            reply: Reply {
-                head: 0,
-                status_addr: vm_memory::GuestAddress(0),
-            },
+            tag: 0,
             operation: Operation::Flush,
-            sector: 0,
             offset: 0,
             len: 0,
             iovecs: Vec::new(),
         };
-        Ok(UringPath {
+        Ok(UringEngine {
             ring,
-            fd,
+            disk,
             buffered,
             nowait_reads: buffered,
-            offload_bytes: if spare_cores {
+            ring_zeroing: [true; 2],
+            offload_bytes: if options.spare_cores {
                 OFFLOAD_BYTES
             } else {
                 usize::MAX
             },
             slots: (0..depth).map(|_| empty_slot()).collect(),
             free: (0..usize::from(depth)).rev().collect(),
-            in_flight: 0,
             next_seq: 0,
+            completed: VecDeque::with_capacity(usize::from(depth)),
             deferred_flushes: VecDeque::with_capacity(usize::from(depth)),
             kick_armed: None,
             kick_polls: 0,
@@ -154,66 +165,91 @@ impl UringPath {
         })
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    /// Takes a free slot for a new request.
-    fn take_slot(&mut self) -> Option<usize> {
+    /// Takes a free slot for a new operation.
+    fn take_slot(
+        &mut self,
+        tag: u64,
+        operation: Operation,
+        offset: u64,
+        len: u64,
+    ) -> Option<usize> {
         let index = self.free.pop()?;
         let slot = &mut self.slots[index];
         slot.busy = true;
         slot.seq = self.next_seq;
+        slot.tag = tag;
+        slot.operation = operation;
+        slot.offset = offset;
+        slot.len = len;
         self.next_seq += 1;
-        self.in_flight += 1;
         Some(index)
     }
 
     fn release_slot(&mut self, index: usize) {
         self.slots[index].busy = false;
         self.free.push(index);
-        self.in_flight -= 1;
     }
 
-    /// Whether a write started before sequence number `barrier` is still in flight.
-    fn writes_before(&self, barrier: u64) -> bool {
+    /// Whether a write or zeroing started before sequence number `barrier` is still in flight.
+    fn changes_before(&self, barrier: u64) -> bool {
         self.slots
             .iter()
-            .any(|slot| slot.busy && slot.operation == Operation::Write && slot.seq < barrier)
+            .any(|slot| slot.busy && slot.operation.changes_data() && slot.seq < barrier)
     }
 
-    /// Queues one SQE for `slot`.
-    fn push(&mut self, slot: usize, entry: squeue::Entry) -> io::Result<()> {
-        self.push_entry(entry.user_data(slot as u64))
-    }
-
-    fn push_fsync(&mut self, slot: usize) -> io::Result<()> {
-        let entry = opcode::Fsync::new(types::Fd(self.fd))
+    fn fsync_entry(&self) -> squeue::Entry {
+        opcode::Fsync::new(types::Fd(self.disk.fd()))
             .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        self.push(slot, entry)
+            .build()
+    }
+
+    /// Queues `entry` for `slot`, or, when the kernel refuses it, executes the operation on
+    /// this thread after all.
+    fn push_or_execute(&mut self, slot: usize, entry: squeue::Entry) -> Outcome {
+        match self.push_entry(entry.user_data(slot as u64)) {
+            Ok(()) => Outcome::Submitted,
+            Err(error) => {
+                warn!("io_uring submission failed ({error}); executing on the queue's thread");
+                let result = self.execute(slot);
+                self.release_slot(slot);
+                Outcome::Executed(result)
+            }
+        }
+    }
+
+    /// Runs the operation of `slot` on this thread.
+    fn execute(&mut self, slot: usize) -> io::Result<()> {
+        let slot = &mut self.slots[slot];
+        match slot.operation {
+            Operation::Flush => self.disk.flush(),
+            Operation::WriteZeroes { may_unmap } => {
+                self.disk.write_zeroes(slot.offset, slot.len, may_unmap)
+            }
+            Operation::Read | Operation::Write => {
+                // SAFETY: the list was built by `IoBuffers::push` for this operation, whose
+                // guest memory the worker keeps mapped until every operation has completed.
+                let mut bufs = unsafe { IoBuffers::from_started(&mut slot.iovecs) };
+                if slot.operation == Operation::Read {
+                    self.disk.read_at(&mut bufs, slot.offset)
+                } else {
+                    self.disk.write_at(&mut bufs, slot.offset)
+                }
+            }
+        }
     }
 
     /// Starts the deferred flushes whose earlier writes have all completed; a flush the ring
-    /// cannot take is done inline.
-    fn start_ready_flushes<S: Storage>(
-        &mut self,
-        device: &BlockDevice<S>,
-        finished: &mut Vec<Finished>,
-    ) {
+    /// cannot take is executed here.
+    fn start_ready_flushes(&mut self) {
         while let Some(&(slot, barrier)) = self.deferred_flushes.front() {
-            if self.writes_before(barrier) {
+            if self.changes_before(barrier) {
                 return;
             }
             self.deferred_flushes.pop_front();
-            if let Err(error) = self.push_fsync(slot) {
-                warn!("io_uring submission failed ({error}); flushing inline");
-                finished.push(Finished {
-                    reply: self.slots[slot].reply,
-                    status: device.flush(),
-                    written: 0,
-                });
-                self.release_slot(slot);
+            let tag = self.slots[slot].tag;
+            let entry = self.fsync_entry();
+            if let Outcome::Executed(result) = self.push_or_execute(slot, entry) {
+                self.completed.push_back(Completion { tag, result });
             }
         }
     }
@@ -221,8 +257,8 @@ impl UringPath {
     fn push_entry(&mut self, entry: squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: the buffers the entry names (the slot's iovec list and the guest memory it
-            // points to) stay valid and untouched until the request completes: the slot is not
-            // reused before then, and the worker holds the guest-memory borrow until
+            // points to) stay valid and untouched until the operation completes: the slot is
+            // not reused before then, and the worker holds the guest-memory borrow until
             // `in_flight` is back to zero.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
@@ -232,67 +268,63 @@ impl UringPath {
         }
     }
 
-    /// Starts a read or write of `bufs`; the caller has checked that a slot is free and that
-    /// the list is short enough for one SQE.
+    /// Starts a read or write of `bufs` through the ring, or executes it here when no slot is
+    /// free or the list is too long for one SQE.
     fn start_transfer(
         &mut self,
         operation: Operation,
-        sector: u64,
         offset: u64,
-        bufs: IoBuffers<'_>,
-        reply: Reply,
-    ) -> Option<Status> {
-        let Some(slot_index) = self.take_slot() else {
-            return Some(Status::IoError);
+        mut bufs: IoBuffers<'_>,
+        tag: u64,
+    ) -> Outcome {
+        let slot_index = if bufs.iovecs().len() <= IOV_MAX {
+            self.take_slot(tag, operation, offset, bufs.len() as u64)
+        } else {
+            None
         };
+        let Some(slot_index) = slot_index else {
+            return Outcome::Executed(match operation {
+                Operation::Read => self.disk.read_at(&mut bufs, offset),
+                _ => self.disk.write_at(&mut bufs, offset),
+            });
+        };
+        let fd = types::Fd(self.disk.fd());
         let slot = &mut self.slots[slot_index];
-        slot.reply = reply;
-        slot.operation = operation;
-        slot.sector = sector;
-        slot.offset = offset;
-        slot.len = bufs.len();
         bufs.swap_out(&mut slot.iovecs);
         let (iovecs, count) = (slot.iovecs.as_ptr(), slot.iovecs.len() as u32);
         let entry = match operation {
-            Operation::Read => opcode::Readv::new(types::Fd(self.fd), iovecs, count)
-                .offset(offset)
-                .build(),
-            _ => opcode::Writev::new(types::Fd(self.fd), iovecs, count)
+            Operation::Read => opcode::Readv::new(fd, iovecs, count).offset(offset).build(),
+            _ => opcode::Writev::new(fd, iovecs, count)
                 .offset(offset)
                 .build(),
         };
-        let entry =
-            if self.buffered && operation == Operation::Read && slot.len >= self.offload_bytes {
-                entry.flags(squeue::Flags::ASYNC)
-            } else {
-                entry
-            };
-        match self.push(slot_index, entry) {
-            Ok(()) => None,
-            Err(error) => {
-                warn!("io_uring submission failed: {error}");
-                self.release_slot(slot_index);
-                Some(Status::IoError)
-            }
-        }
+        let offload =
+            self.buffered && operation == Operation::Read && slot.len >= self.offload_bytes as u64;
+        let entry = if offload {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
+        self.push_or_execute(slot_index, entry)
     }
 
     /// Reads `bufs` on this thread if the page cache holds every byte: a page-cache hit costs
-    /// less inline than through the ring (4 KiB reads at QD1: 65,000 IOPS through io_uring,
-    /// 96,000 inline). False when the read would wait for the disk, leaving it to the ring.
+    /// less here than through the ring (4 KiB reads at QD1: 65,000 IOPS through io_uring,
+    /// 96,000 on the queue's thread). False when the read would wait for the disk, leaving it
+    /// to the ring.
     fn read_cached(&mut self, bufs: &IoBuffers<'_>, offset: u64) -> bool {
         let Ok(file_offset) = libc::off_t::try_from(offset) else {
             return false;
         };
-        if !self.nowait_reads {
+        let iovecs = bufs.iovecs();
+        if !self.nowait_reads || iovecs.len() > IOV_MAX {
             return false;
         }
-        let iovecs = bufs.iovecs();
-        // SAFETY: `can_take` bounded the list to IOV_MAX entries, each built by
-        // `IoBuffers::push` from a live guest-memory slice that `bufs` keeps borrowed.
+        // SAFETY: the list holds at most IOV_MAX entries, each built by `IoBuffers::push` from
+        // a live guest-memory slice that `bufs` keeps borrowed.
         let done = unsafe {
             libc::preadv2(
-                self.fd,
+                self.disk.fd(),
                 iovecs.as_ptr(),
                 iovecs.len() as libc::c_int,
                 file_offset,
@@ -309,37 +341,6 @@ impl UringPath {
         }
         // A short read (part of the data cached) is redone whole by the ring.
         done as usize == bufs.len()
-    }
-
-    /// Whether a request with `bufs` can go through the ring rather than inline.
-    fn can_take(&self, bufs: &IoBuffers<'_>) -> bool {
-        bufs.iovecs().len() <= IOV_MAX && !self.free.is_empty()
-    }
-
-    /// Hands the queued requests to the kernel; page-cache hits complete during the call.
-    pub fn submit(&mut self) -> io::Result<()> {
-        retry_interrupted(|| self.ring.submit())
-    }
-
-    pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
-    /// Starts a round of serving the queue, after the transport consumed a kick. Nothing is in
-    /// flight between rounds, but the kick poll stays armed: the completions it posted for kicks
-    /// that came meanwhile are dropped here, so that they cannot pile up in the completion queue
-    /// (older kernels refuse submissions while it overflows).
-    pub fn new_round<S: Storage>(&mut self, device: &BlockDevice<S>, finished: &mut Vec<Finished>) {
-        self.reap(device, finished);
-        self.kick_poll_ended = false;
-    }
-
-    /// Sleeps until a request completes or, when `kick` is given, the driver kicks the queue.
-    pub fn wait(&mut self, kick: Option<RawFd>) -> io::Result<()> {
-        if let (Some(fd), false) = (kick, self.kick_poll_ended) {
-            self.arm_kick_poll(fd)?;
-        }
-        retry_interrupted(|| self.ring.submit_and_wait(1))
     }
 
     /// Polls `fd` through the ring. One poll stays armed across waits.
@@ -367,20 +368,14 @@ impl UringPath {
         Ok(())
     }
 
-    /// Cancels the kick poll when the queue stops: the poll holds the kick eventfd, which the
-    /// transport is about to replace (often by a new one with the same number).
-    pub fn disarm_kick(&mut self) -> io::Result<()> {
-        if self.kick_armed.is_some() {
-            self.queue_kick_cancel()?;
-            self.submit()?;
-        }
-        Ok(())
-    }
-
-    /// Collects every completion available. A kick needs nothing more: the caller looks at the
-    /// available ring after every wait.
-    pub fn reap<S: Storage>(&mut self, device: &BlockDevice<S>, finished: &mut Vec<Finished>) {
-        for cqe in self.ring.completion() {
+    /// Collects every completion the kernel has posted. A kick needs nothing more: the caller
+    /// looks at the available ring after every wait.
+    fn reap(&mut self) {
+        loop {
+            // One completion at a time: finishing one may need the engine whole.
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
             let tag = cqe.user_data();
             if tag & KICK_CANCEL != 0 {
                 continue;
@@ -398,18 +393,51 @@ impl UringPath {
                 continue;
             }
             let slot_index = tag as usize;
-            match self.slots.get_mut(slot_index) {
-                Some(slot) if slot.busy => {
-                    finished.push(finish(device, slot, cqe.result()));
-                    // `release_slot`, spelled out: the completion queue borrows the ring.
-                    slot.busy = false;
-                    self.free.push(slot_index);
-                    self.in_flight -= 1;
+            if !self.slots.get(slot_index).is_some_and(|slot| slot.busy) {
+                warn!("io_uring completion for idle slot {slot_index}; ignored");
+                continue;
+            }
+            let result = self.finish(slot_index, cqe.result());
+            self.completed.push_back(Completion {
+                tag: self.slots[slot_index].tag,
+                result,
+            });
+            self.release_slot(slot_index);
+        }
+        self.start_ready_flushes();
+    }
+
+    /// The result of the operation of `slot`, which the kernel ended with `result`. Transfers
+    /// the kernel left short or refused are redone on this thread, which also takes O_DIRECT's
+    /// bounce-buffer fallback for unaligned guest buffers; a zeroing the ring cannot do is
+    /// done here, with the fallbacks of the synchronous path.
+    fn finish(&mut self, slot: usize, result: i32) -> io::Result<()> {
+        let (operation, len) = (self.slots[slot].operation, self.slots[slot].len);
+        match operation {
+            Operation::Flush if result < 0 => Err(io::Error::from_raw_os_error(-result)),
+            Operation::Flush => Ok(()),
+            Operation::Read | Operation::Write => {
+                if u64::try_from(result).is_ok_and(|done| done == len) {
+                    Ok(())
+                } else {
+                    self.execute(slot)
                 }
-                _ => warn!("io_uring completion for idle slot {slot_index}; ignored"),
+            }
+            Operation::WriteZeroes { .. } if result >= 0 => Ok(()),
+            Operation::WriteZeroes { may_unmap } => {
+                let error = io::Error::from_raw_os_error(-result);
+                if is_unsupported(&error) {
+                    debug!(
+                        "zeroing (may unmap: {may_unmap}) refused through io_uring ({error}); \
+                         such zeroings run on the queue's thread"
+                    );
+                    self.ring_zeroing[usize::from(may_unmap)] = false;
+                    self.execute(slot)
+                } else {
+                    Err(error)
+                }
             }
         }
-        self.start_ready_flushes(device, finished);
     }
 }
 
@@ -423,111 +451,100 @@ fn retry_interrupted(mut call: impl FnMut() -> io::Result<usize>) -> io::Result<
     }
 }
 
-/// The answer to a completed request; transfers the kernel left short or refused are redone
-/// inline, which also takes O_DIRECT's bounce-buffer fallback for unaligned guest buffers.
-fn finish<S: Storage>(device: &BlockDevice<S>, slot: &mut Slot, result: i32) -> Finished {
-    let (status, written) = match slot.operation {
-        Operation::Flush if result < 0 => {
-            warn!("flush: {}", io::Error::from_raw_os_error(-result));
-            (Status::IoError, 0)
-        }
-        Operation::Flush => (Status::Ok, 0),
-        Operation::Read | Operation::Write => {
-            let complete = usize::try_from(result).is_ok_and(|done| done == slot.len);
-            let status = if complete {
-                Status::Ok
-            } else {
-                // SAFETY: the list was built by `IoBuffers::push` for this request, whose guest
-                // memory the worker keeps mapped until every request has completed.
-                let mut bufs = unsafe { IoBuffers::from_started(&mut slot.iovecs) };
-                let (what, redone) = if slot.operation == Operation::Read {
-                    ("read", device.storage().read_at(&mut bufs, slot.offset))
-                } else {
-                    ("write", device.storage().write_at(&mut bufs, slot.offset))
-                };
-                device.transfer_status(what, slot.sector, slot.len, redone)
-            };
-            let written = if slot.operation == Operation::Read && status == Status::Ok {
-                slot.len as u32
-            } else {
-                0
-            };
-            (status, written)
-        }
-    };
-    Finished {
-        reply: slot.reply,
-        status,
-        written,
-    }
-}
-
-impl<S: Storage> DataPath<S> for UringPath {
-    fn read(
-        &mut self,
-        device: &BlockDevice<S>,
-        sector: u64,
-        mut bufs: IoBuffers<'_>,
-        reply: Reply,
-    ) -> Option<Status> {
-        let offset = match device.read_offset(sector, bufs.len()) {
-            Ok(offset) => offset,
-            Err(status) => return Some(status),
-        };
-        if !self.can_take(&bufs) {
-            return Some(device.read(sector, &mut bufs));
-        }
+impl Engine for UringEngine {
+    fn read(&mut self, offset: u64, bufs: IoBuffers<'_>, tag: u64) -> Outcome {
         if bufs.len() < self.offload_bytes && self.read_cached(&bufs, offset) {
-            return Some(Status::Ok);
+            return Outcome::Executed(Ok(()));
         }
-        self.start_transfer(Operation::Read, sector, offset, bufs, reply)
+        self.start_transfer(Operation::Read, offset, bufs, tag)
     }
 
-    fn write(
-        &mut self,
-        device: &BlockDevice<S>,
-        sector: u64,
-        mut bufs: IoBuffers<'_>,
-        reply: Reply,
-    ) -> Option<Status> {
-        // Writethrough makes each write durable before it completes: the inline path writes
-        // and flushes in one go, which this rare mode does not need to overlap. A write served
-        // inline is complete before any later flush is queued, so flush ordering holds.
-        if self.buffered || !device.writeback() || !self.can_take(&bufs) {
-            return Some(device.write(sector, &mut bufs));
+    fn write(&mut self, offset: u64, mut bufs: IoBuffers<'_>, tag: u64) -> Outcome {
+        // A write executed here is complete before any later flush is queued, so flush
+        // ordering holds.
+        if self.buffered {
+            return Outcome::Executed(self.disk.write_at(&mut bufs, offset));
         }
-        let offset = match device.write_offset(sector, bufs.len()) {
-            Ok(offset) => offset,
-            Err(status) => return Some(status),
-        };
-        self.start_transfer(Operation::Write, sector, offset, bufs, reply)
+        self.start_transfer(Operation::Write, offset, bufs, tag)
     }
 
-    fn flush(&mut self, device: &BlockDevice<S>, reply: Reply) -> Option<Status> {
-        if device.readonly() {
-            return Some(device.flush());
-        }
+    fn flush(&mut self, tag: u64) -> Outcome {
         let barrier = self.next_seq;
-        let Some(slot_index) = self.take_slot() else {
-            return Some(device.flush());
+        let Some(slot) = self.take_slot(tag, Operation::Flush, 0, 0) else {
+            return Outcome::Executed(self.disk.flush());
         };
-        let slot = &mut self.slots[slot_index];
-        slot.reply = reply;
-        slot.operation = Operation::Flush;
         // The fdatasync must cover the writes the driver issued before the flush: it starts
-        // once they have completed (writes served inline have, already).
-        if self.writes_before(barrier) {
-            self.deferred_flushes.push_back((slot_index, barrier));
-            return None;
+        // once they have completed (writes executed on this thread have, already).
+        if self.changes_before(barrier) {
+            self.deferred_flushes.push_back((slot, barrier));
+            return Outcome::Submitted;
         }
-        match self.push_fsync(slot_index) {
-            Ok(()) => None,
-            Err(error) => {
-                warn!("io_uring submission failed ({error}); flushing inline");
-                self.release_slot(slot_index);
-                Some(device.flush())
+        let entry = self.fsync_entry();
+        self.push_or_execute(slot, entry)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool, tag: u64) -> Outcome {
+        let operation = Operation::WriteZeroes { may_unmap };
+        let mode = self.disk.zeroing_mode(may_unmap);
+        let slot = match mode {
+            Some(_) if self.ring_zeroing[usize::from(may_unmap)] => {
+                self.take_slot(tag, operation, offset, len)
             }
+            _ => None,
+        };
+        let (Some(mode), Some(slot)) = (mode, slot) else {
+            return Outcome::Executed(self.disk.write_zeroes(offset, len, may_unmap));
+        };
+        let entry = opcode::Fallocate::new(types::Fd(self.disk.fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        self.push_or_execute(slot, entry)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.completed.len()
+    }
+
+    /// Hands the queued operations to the kernel; page-cache hits complete during the call.
+    fn submit(&mut self) -> io::Result<()> {
+        retry_interrupted(|| self.ring.submit())
+    }
+
+    fn next_completed(&mut self) -> Option<Completion> {
+        if self.completed.is_empty() {
+            self.reap();
         }
+        self.completed.pop_front()
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.completed.is_empty() || !self.ring.completion().is_empty()
+    }
+
+    fn wait(&mut self, kick: Option<RawFd>) -> io::Result<()> {
+        if let (Some(fd), false) = (kick, self.kick_poll_ended) {
+            self.arm_kick_poll(fd)?;
+        }
+        retry_interrupted(|| self.ring.submit_and_wait(1))
+    }
+
+    /// Nothing is in flight between rounds, but the kick poll stays armed: the completions it
+    /// posted for kicks that came meanwhile are dropped here, so that they cannot pile up in
+    /// the completion queue (older kernels refuse submissions while it overflows).
+    fn begin_round(&mut self) {
+        self.reap();
+        self.kick_poll_ended = false;
+    }
+
+    /// Cancels the kick poll: the poll holds the kick eventfd, which the transport is about to
+    /// replace (often by a new one with the same number).
+    fn stop(&mut self) -> io::Result<()> {
+        if self.kick_armed.is_some() {
+            self.queue_kick_cancel()?;
+            self.submit()?;
+        }
+        Ok(())
     }
 }
 
@@ -537,13 +554,36 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    use vm_memory::{GuestAddress, VolatileSlice};
+    use vm_memory::VolatileSlice;
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     use super::*;
+    use crate::config::IoEngine;
     use crate::storage::FileStorage;
 
     const PAGE: usize = 4096;
+
+    fn engine(storage: &FileStorage, buffered: bool) -> UringEngine {
+        let options = EngineOptions {
+            kind: IoEngine::IoUring,
+            queue_size: 4,
+            spare_cores: true,
+        };
+        UringEngine::new(storage.disk.clone(), buffered, &options).unwrap()
+    }
+
+    /// Waits for every operation in flight and returns their completions.
+    fn drain(engine: &mut UringEngine) -> Vec<Completion> {
+        let mut completions = Vec::new();
+        engine.submit().unwrap();
+        while engine.in_flight() > 0 {
+            if !engine.has_completions() {
+                engine.wait(None).unwrap();
+            }
+            completions.extend(std::iter::from_fn(|| engine.next_completed()));
+        }
+        completions
+    }
 
     /// Whether the first page of `file` is in the page cache.
     fn first_page_cached(file: &std::fs::File) -> bool {
@@ -560,7 +600,7 @@ mod tests {
             );
             assert_ne!(map, libc::MAP_FAILED);
             let mut resident = 0u8;
-            assert_eq!(libc::mincore(map, PAGE, &mut resident), 0);
+            assert_eq!(libc::mincore(map, PAGE, &raw mut resident), 0);
             libc::munmap(map, PAGE);
             resident & 1 != 0
         }
@@ -576,21 +616,15 @@ mod tests {
         image.as_file().write_all_at(&pattern, 0).unwrap();
         image.as_file().sync_all().unwrap();
         let storage = FileStorage::open(image.path(), false, false).unwrap();
-        let device = BlockDevice::new(storage, false, "");
-        let mut path = UringPath::new(device.storage().async_fd().unwrap(), true, true, 4).unwrap();
-        let reply = Reply {
-            head: 0,
-            status_addr: GuestAddress(0),
-        };
+        let mut engine = engine(&storage, true);
         let mut guest = vec![0u8; PAGE];
         let mut iovecs = Vec::new();
 
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut guest[..]));
         assert!(first_page_cached(image.as_file()), "just written");
-        assert_eq!(
-            path.read(&device, 0, bufs, reply),
-            Some(Status::Ok),
+        assert!(
+            matches!(engine.read(0, bufs, 7), Outcome::Executed(Ok(()))),
             "a cache hit is answered at once"
         );
         assert_eq!(guest, pattern[..PAGE]);
@@ -606,21 +640,14 @@ mod tests {
         guest.fill(0);
         let mut bufs = IoBuffers::new(&mut iovecs);
         bufs.push(&VolatileSlice::from(&mut guest[..]));
-        assert_eq!(
-            path.read(&device, 0, bufs, reply),
-            None,
+        assert!(
+            matches!(engine.read(0, bufs, 7), Outcome::Submitted),
             "a miss takes the ring"
         );
-        let mut finished = Vec::new();
-        while path.in_flight() > 0 {
-            path.wait(None).unwrap();
-            path.reap(&device, &mut finished);
-        }
-        assert_eq!(finished.len(), 1);
-        assert_eq!(
-            (finished[0].status, finished[0].written),
-            (Status::Ok, PAGE as u32)
-        );
+        let completions = drain(&mut engine);
+        assert_eq!(completions.len(), 1);
+        assert_eq!(completions[0].tag, 7);
+        assert!(completions[0].result.is_ok());
         assert_eq!(guest, pattern[..PAGE]);
     }
 
@@ -629,20 +656,17 @@ mod tests {
     #[test]
     fn every_kick_ends_a_wait_and_stays_for_the_transport() {
         const KICKS: u64 = 3;
-        let device = BlockDevice::new(FileStorage::memory(1 << 20).unwrap(), false, "");
-        let mut path = UringPath::new(device.storage().async_fd().unwrap(), true, true, 4).unwrap();
+        let mut engine = engine(&FileStorage::memory(1 << 20).unwrap(), true);
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let kick_fd = kick.as_raw_fd();
         let (woke, wakes) = mpsc::channel();
         // Detached: with a kick missed it would sleep in io_uring_enter for good.
         std::thread::spawn(move || {
-            let mut finished = Vec::new();
             for _ in 0..KICKS {
-                path.wait(Some(kick_fd)).unwrap();
-                path.reap(&device, &mut finished);
+                engine.wait(Some(kick_fd)).unwrap();
+                assert!(engine.next_completed().is_none(), "a kick is no operation");
                 woke.send(()).unwrap();
             }
-            assert!(finished.is_empty());
         });
         for number in 1..=KICKS {
             kick.write(1).unwrap();
@@ -651,5 +675,43 @@ mod tests {
                 .unwrap_or_else(|_| panic!("kick {number} did not end the wait"));
         }
         assert_eq!(kick.read().unwrap(), KICKS);
+    }
+
+    /// Discards and zeroings of a file run through the ring, a flush waits for them, and a
+    /// zeroing the file system cannot do in place still leaves zeroes.
+    #[test]
+    fn zeroing_takes_the_ring_and_flushes_wait_for_it() {
+        use std::os::unix::fs::FileExt;
+        let storage = FileStorage::memory(16 * PAGE as u64).unwrap();
+        storage.file().write_all_at(&[0x5a; 16 * PAGE], 0).unwrap();
+        // Buffered writes run on the queue's thread; O_DIRECT ones take the ring.
+        let mut engine = engine(&storage, false);
+        let discard = engine.write_zeroes(PAGE as u64, PAGE as u64, true, 1);
+        assert!(matches!(discard, Outcome::Submitted), "{discard:?}");
+        let zeroing = engine.write_zeroes(4 * PAGE as u64, 1024, false, 2);
+        assert!(matches!(zeroing, Outcome::Submitted), "{zeroing:?}");
+        assert!(
+            matches!(engine.flush(3), Outcome::Submitted),
+            "the flush waits for the zeroings"
+        );
+        let completions = drain(&mut engine);
+        let tags: Vec<u64> = completions.iter().map(|done| done.tag).collect();
+        assert_eq!(tags.len(), 3, "{tags:?}");
+        assert_eq!(tags[2], 3, "the flush completed before a zeroing: {tags:?}");
+        for done in &completions {
+            assert!(
+                done.result.is_ok(),
+                "operation {}: {:?}",
+                done.tag,
+                done.result
+            );
+        }
+        let mut back = vec![0u8; 16 * PAGE];
+        storage.file().read_exact_at(&mut back, 0).unwrap();
+        assert!(back[..PAGE].iter().all(|&b| b == 0x5a));
+        assert!(back[PAGE..2 * PAGE].iter().all(|&b| b == 0));
+        assert!(back[2 * PAGE..4 * PAGE].iter().all(|&b| b == 0x5a));
+        assert!(back[4 * PAGE..4 * PAGE + 1024].iter().all(|&b| b == 0));
+        assert!(back[4 * PAGE + 1024..].iter().all(|&b| b == 0x5a));
     }
 }

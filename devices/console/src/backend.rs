@@ -18,15 +18,15 @@ use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemory
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::chain::{Direction, Segment, collect_segments, read_stream, write_stream};
-use hvisor_vhost_device::config_space::read_config;
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::chain::{Direction, Segment, collect_segments, read_stream, write_stream};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::log_limit::LogLimiter;
+use hvisor_vhost_core::queue::{
     FaultHandler, QueueState, Rings, has_available_buffers, queue_is_live, serve_queue,
 };
-use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_CONSOLE, VirtioDevice};
+use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_CONSOLE, VirtioDevice};
 
 use crate::config::{BackendConfig, ConsoleConfig};
 use crate::endpoint::{Endpoint, EndpointError, Pty, SocketServer, Streams, read_fd, write_fd};
@@ -450,7 +450,7 @@ impl Console {
                 match registry.register(watch.fd, watch.events, u64::from(watch.id)) {
                     Ok(()) => self.watches.push(watch),
                     Err(error) => {
-                        HOST_FAILURES.warn(format_args!("cannot watch fd {}: {error}", watch.fd))
+                        HOST_FAILURES.warn(format_args!("cannot watch fd {}: {error}", watch.fd));
                     }
                 }
             }
@@ -556,7 +556,7 @@ impl ConsoleBackend {
     fn console(&self) -> MutexGuard<'_, Console> {
         self.console
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {

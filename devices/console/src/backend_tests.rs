@@ -8,11 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hvisor_vhost_device::queue::{QueueFault, RingFault};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::queue::{QueueFault, RingFault};
+use hvisor_vhost_core::testing::{
     EpollRegistry, FaultRecorder, TestMemory, TestQueue, readable, returns_within, writable,
 };
-use hvisor_vhost_device::{VIRTIO_ID_CONSOLE, VirtioDevice};
+use hvisor_vhost_core::{VIRTIO_ID_CONSOLE, VirtioDevice};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -77,7 +77,7 @@ impl Rig {
         returns_within("a worker event", Duration::from_secs(5), move || {
             backend
                 .handle_event(event, EventSet::IN, &vrings, 0)
-                .unwrap()
+                .unwrap();
         });
     }
 
@@ -207,7 +207,7 @@ fn small_send_buffer(stream: &UnixStream) {
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
+            (&raw const size).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -78,7 +78,7 @@ fn get_termios(fd: RawFd) -> io::Result<libc::termios> {
     // SAFETY: termios is plain data; zeroes are a valid value to be overwritten.
     let mut termios: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: `termios` is a valid, writable termios.
-    check(unsafe { libc::tcgetattr(fd, &mut termios) })?;
+    check(unsafe { libc::tcgetattr(fd, &raw mut termios) })?;
     Ok(termios)
 }
 
@@ -138,7 +138,7 @@ impl Pty {
         // Raw mode with NL -> CRNL on output, as hvisor-tool's daemon sets it up.
         let mut termios = get_termios(slave.as_raw_fd()).map_err(step("tcgetattr"))?;
         // SAFETY: `termios` is a valid termios to modify in place.
-        unsafe { libc::cfmakeraw(&mut termios) };
+        unsafe { libc::cfmakeraw(&raw mut termios) };
         termios.c_oflag |= libc::OPOST | libc::ONLCR;
         set_termios(slave.as_raw_fd(), &termios).map_err(step("tcsetattr"))?;
         set_nonblocking(master.as_raw_fd()).map_err(step("O_NONBLOCK"))?;

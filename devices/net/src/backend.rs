@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -25,12 +25,14 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::queue::{FaultHandler, Rings, queue_is_live};
-use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::chain::{Segment, read_stream, split_chain, total_len, write_stream};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::log_limit::LogLimiter;
+use hvisor_vhost_core::queue::{FaultHandler, Rings, queue_is_live};
+use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
-use crate::chain::{Segment, read_stream, split_chain, total_len, write_stream};
 use crate::config::{MacAddress, NetConfig};
 use crate::tap::{Tap, TapError, TapQueue};
 use crate::virtio_net::*;
@@ -82,36 +84,6 @@ impl NetStats {
     }
 }
 
-/// Rate-limited reporting of dropped frames and chains.
-#[derive(Default)]
-struct DropLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl DropLog {
-    fn report(&mut self, pair: usize, what: fmt::Arguments<'_>) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < DROP_LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        if self.suppressed > 0 {
-            warn!(
-                "queue pair {pair}: {what} ({} similar drops not logged)",
-                self.suppressed
-            );
-        } else {
-            warn!("queue pair {pair}: {what}");
-        }
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
-}
-
 /// One RX chain taken for the frame being delivered.
 struct RxChain {
     head: u16,
@@ -135,7 +107,8 @@ struct PairState {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
     tx_iovecs: Vec<libc::iovec>,
-    drops: DropLog,
+    /// Reports dropped frames and chains, at most one line per interval.
+    drops: LogLimiter,
 }
 
 // SAFETY: the raw pointers in `tx_iovecs` are only dereferenced by `writev` while the guest
@@ -155,7 +128,7 @@ impl Default for PairState {
             readable: Vec::new(),
             writable: Vec::new(),
             tx_iovecs: Vec::new(),
-            drops: DropLog::default(),
+            drops: LogLimiter::new(module_path!(), DROP_LOG_INTERVAL),
         }
     }
 }
@@ -178,7 +151,7 @@ struct QueuePair<T> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum TxError {
@@ -449,10 +422,9 @@ impl<T: TapQueue> NetBackend<T> {
                     }
                     Err(TxError::Drop(reason)) => {
                         NetStats::bump(&self.stats.tx_dropped);
-                        state.drops.report(
-                            index,
-                            format_args!("TX descriptor {head} dropped: {reason}"),
-                        );
+                        state.drops.warn(format_args!(
+                            "queue pair {index}: TX descriptor {head} dropped: {reason}"
+                        ));
                     }
                 }
                 if self.rings.add_used(vring, tx_queue, head, 0) {
@@ -481,14 +453,14 @@ impl<T: TapQueue> NetBackend<T> {
     ) -> Result<(), TxError> {
         state.readable.clear();
         state.writable.clear();
-        split_chain(chain, mem, &mut state.readable, &mut state.writable)
+        split_chain(chain, Some(mem), &mut state.readable, &mut state.writable)
             .map_err(|error| TxError::Drop(error.to_string()))?;
         if !state.writable.is_empty() {
             return Err(TxError::Drop(
                 "a TX chain has device-writable buffers".into(),
             ));
         }
-        let len = total_len(&state.readable);
+        let len = stream_len(&state.readable);
         if len < header_len + ETH_HEADER_LEN {
             return Err(TxError::Drop(format!(
                 "{len} bytes is shorter than the {header_len}-byte header and an Ethernet header"
@@ -577,18 +549,15 @@ impl<T: TapQueue> NetBackend<T> {
                         return RxStop::TapEmpty;
                     }
                     Err(error) => {
-                        state
-                            .drops
-                            .report(index, format_args!("cannot read the TAP: {error}"));
+                        state.drops.warn(format_args!(
+                            "queue pair {index}: cannot read the TAP: {error}"
+                        ));
                         return RxStop::TapFailed;
                     }
                 };
                 if len < header_len + ETH_HEADER_LEN || len > MAX_FRAME_LEN {
                     NetStats::bump(&self.stats.rx_dropped);
-                    state.drops.report(
-                        index,
-                        format_args!(
-                            "RX frame of {len} bytes dropped: not within {}..={MAX_FRAME_LEN}",
+                    state.drops.warn(format_args!("queue pair {index}: RX frame of {len} bytes dropped: not within {}..={MAX_FRAME_LEN}",
                             header_len + ETH_HEADER_LEN
                         ),
                     );
@@ -642,12 +611,14 @@ impl<T: TapQueue> NetBackend<T> {
             let head = chain.head_index();
             let first = rx_segments.len();
             readable.clear();
-            let problem = match split_chain(chain, mem, readable, rx_segments) {
+            let problem = match split_chain(chain, Some(mem), readable, rx_segments) {
                 Err(error) => Some(error.to_string()),
                 Ok(()) if !readable.is_empty() => {
                     Some("an RX chain has device-readable buffers".into())
                 }
-                Ok(()) if rx_chains.is_empty() && total_len(&rx_segments[first..]) < header_len => {
+                Ok(())
+                    if rx_chains.is_empty() && stream_len(&rx_segments[first..]) < header_len =>
+                {
                     Some(format!(
                         "an RX chain is shorter than the {header_len}-byte header"
                     ))
@@ -659,10 +630,9 @@ impl<T: TapQueue> NetBackend<T> {
                 // Chains taken for this frame so far go back empty too, so what stays in the
                 // ring is always the most recent, untouched part of it.
                 NetStats::bump(&self.stats.rx_dropped);
-                drops.report(
-                    index,
-                    format_args!("RX descriptor {head} dropped: {problem}"),
-                );
+                drops.warn(format_args!(
+                    "queue pair {index}: RX descriptor {head} dropped: {problem}"
+                ));
                 for taken in rx_chains.drain(..) {
                     self.rings.add_used(vring, rx_queue, taken.head, 0);
                 }
@@ -671,7 +641,7 @@ impl<T: TapQueue> NetBackend<T> {
                 capacity = 0;
                 continue;
             }
-            let chain_capacity = total_len(&rx_segments[first..]);
+            let chain_capacity = stream_len(&rx_segments[first..]);
             rx_chains.push(RxChain {
                 head,
                 segments: first..rx_segments.len(),
@@ -681,10 +651,7 @@ impl<T: TapQueue> NetBackend<T> {
         }
         if capacity < len {
             NetStats::bump(&self.stats.rx_dropped);
-            drops.report(
-                index,
-                format_args!(
-                    "RX frame of {len} bytes dropped: the buffer holds {capacity} and mergeable \
+            drops.warn(format_args!("queue pair {index}: RX frame of {len} bytes dropped: the buffer holds {capacity} and mergeable \
                      buffers were not negotiated"
                 ),
             );
@@ -700,17 +667,18 @@ impl<T: TapQueue> NetBackend<T> {
         let mut offset = 0;
         for chain in rx_chains.iter() {
             let take = chain.capacity.min(len - offset);
-            let written = write_stream(
-                mem,
-                &rx_segments[chain.segments.clone()],
-                &rx_frame[offset..offset + take],
-            );
-            if written < take {
-                warn!(
-                    "queue pair {index}: RX descriptor {} was partly written",
-                    chain.head
-                );
-            }
+            let segments = &rx_segments[chain.segments.clone()];
+            let written = match write_stream(mem, segments, &rx_frame[offset..offset + take]) {
+                Ok(()) => take,
+                // The buffers were checked against guest memory when the chain was split.
+                Err(error) => {
+                    warn!(
+                        "queue pair {index}: RX descriptor {} left unwritten: {error}",
+                        chain.head
+                    );
+                    0
+                }
+            };
             offset += take;
             self.rings
                 .add_used(vring, rx_queue, chain.head, written as u32);
@@ -756,11 +724,11 @@ impl<T: TapQueue> NetBackend<T> {
     ) -> u32 {
         state.readable.clear();
         state.writable.clear();
-        if let Err(error) = split_chain(chain, mem, &mut state.readable, &mut state.writable) {
-            state.drops.report(
-                0,
-                format_args!("control descriptor {head} dropped: {error}"),
-            );
+        if let Err(error) = split_chain(chain, Some(mem), &mut state.readable, &mut state.writable)
+        {
+            state.drops.warn(format_args!(
+                "queue pair 0: control descriptor {head} dropped: {error}"
+            ));
             return 0;
         }
         let Some(ack) = state
@@ -768,14 +736,18 @@ impl<T: TapQueue> NetBackend<T> {
             .last()
             .map(|last| last.addr.unchecked_add(u64::from(last.len) - 1))
         else {
-            state.drops.report(
-                0,
-                format_args!("control descriptor {head} dropped: no device-writable ack byte"),
-            );
+            state.drops.warn(format_args!(
+                "queue pair 0: control descriptor {head} dropped: no device-writable ack byte"
+            ));
             return 0;
         };
         let mut command = [0u8; CTRL_HEADER_LEN + 2];
-        let got = read_stream(mem, &state.readable, &mut command);
+        let mut got = stream_len(&state.readable).min(command.len());
+        if let Err(error) = read_stream(mem, &state.readable, 0, &mut command[..got]) {
+            // The buffers were checked against guest memory when the chain was split.
+            warn!("control descriptor {head}: cannot read the command: {error}");
+            got = 0;
+        }
         let status = match (command[0], command[1], got) {
             (class, cmd, 4)
                 if u32::from(class) == VIRTIO_NET_CTRL_MQ
@@ -1004,17 +976,7 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
-        let config = config.as_slice();
-        let start = (offset as usize).min(config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(config.len());
-        let mut reply = config[start..end].to_vec();
-        // The frontend rejects a reply shorter than it asked for; bytes past the structure
-        // read as zero, like reserved fields.
-        reply.resize(size as usize, 0);
-        reply
+        read_config(self.config_space().as_slice(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -1086,10 +1048,10 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
                 }
             }
             (CTRL_QUEUE_EVENT, [_, _, ctrl]) if kick && thread_id == 0 => {
-                self.process_ctrl(state, ctrl, &mem)
+                self.process_ctrl(state, ctrl, &mem);
             }
             (event, [rx, ..]) if event == self.tap_readable_event() => {
-                self.process_rx(thread_id, state, rx, &mem)
+                self.process_rx(thread_id, state, rx, &mem);
             }
             (event, [_, tx, ..]) if event == self.tap_writable_event() => {
                 self.set_tx_waiting(thread_id, state, false);
@@ -1101,6 +1063,11 @@ impl<T: TapQueue> VhostUserBackend for NetBackend<T> {
         }
         Ok(())
     }
+}
+
+/// Bytes in all `segments`, as a length in memory (saturating, though no chain comes near).
+fn stream_len(segments: &[Segment]) -> usize {
+    usize::try_from(total_len(segments)).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

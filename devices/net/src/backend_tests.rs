@@ -8,12 +8,12 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use hvisor_vhost_device::queue::{QueueFault, RingFault, queue_is_live};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
+use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
     returns_within, set_avail_idx, writable,
 };
-use hvisor_vhost_device::{EventRegistry, VirtioDevice};
+use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
@@ -272,7 +272,7 @@ impl<T: TapQueue + 'static> Rig<T> {
         returns_within("a worker event", EVENT_TIMEOUT, move || {
             backend
                 .handle_event(event, EventSet::IN, &vrings, thread)
-                .unwrap()
+                .unwrap();
         });
     }
 
@@ -586,7 +586,7 @@ fn shrink_send_buffer(socket: &UnixDatagram) {
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
+            (&raw const size).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -1054,7 +1054,7 @@ fn wait_readable(fd: BorrowedFd<'_>) -> bool {
         revents: 0,
     };
     // SAFETY: `poll` is one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut poll, 1, 200) > 0 }
+    unsafe { libc::poll(&raw mut poll, 1, 200) > 0 }
 }
 
 #[test]

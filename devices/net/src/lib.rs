@@ -2,17 +2,15 @@
 //!
 //! [`NetBackend`] implements `vhost_user_backend::VhostUserBackend` and knows nothing of the
 //! transport that drives it: the vhost-user daemon and the hvisor ring both run it unchanged.
-//! It watches its TAP through the [`hvisor_vhost_device::EventRegistry`] each transport gives
+//! It watches its TAP through the [`hvisor_vhost_core::EventRegistry`] each transport gives
 //! its worker threads.
 //!
 //! Layers, from the wire down:
 //! - [`backend`]: queues, notifications, worker threads, control queue, config space;
-//! - `chain`: descriptor chains to validated guest buffers;
 //! - [`tap`]: the TAP queues (and the small trait tests replace them through);
 //! - [`virtio_net`]: header and config layouts, feature-to-TAP mapping.
 
 pub mod backend;
-mod chain;
 pub mod config;
 pub mod tap;
 pub mod virtio_net;

@@ -14,13 +14,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
-use hvisor_vhost_device::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
-use hvisor_vhost_device::chain::{Direction, Segment, collect_segments};
-use hvisor_vhost_device::config_space::read_config;
-use hvisor_vhost_device::exit::new_exit_event;
-use hvisor_vhost_device::log_limit::LogLimiter;
-use hvisor_vhost_device::queue::{FaultHandler, QueueState, Rings, queue_is_live, serve_queue};
-use hvisor_vhost_device::{EventRegistry, VIRTIO_ID_RNG, VirtioDevice};
+use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
+use hvisor_vhost_core::chain::{Direction, Segment, collect_segments};
+use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::exit::new_exit_event;
+use hvisor_vhost_core::log_limit::LogLimiter;
+use hvisor_vhost_core::queue::{FaultHandler, QueueState, Rings, queue_is_live, serve_queue};
+use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_RNG, VirtioDevice};
 
 use crate::config::RngConfig;
 use crate::rate_limit::TokenBucket;
@@ -207,7 +207,7 @@ impl RngBackend {
     fn worker(&self) -> std::sync::MutexGuard<'_, Worker> {
         self.worker
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn guest_memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap>> {

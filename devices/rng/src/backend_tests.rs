@@ -4,11 +4,11 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use hvisor_vhost_device::queue::{QueueFault, RingFault};
-use hvisor_vhost_device::testing::{
+use hvisor_vhost_core::queue::{QueueFault, RingFault};
+use hvisor_vhost_core::testing::{
     EpollRegistry, FaultRecorder, TestMemory, TestQueue, returns_within, writable,
 };
-use hvisor_vhost_device::{VIRTIO_ID_RNG, VirtioDevice};
+use hvisor_vhost_core::{VIRTIO_ID_RNG, VirtioDevice};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -95,7 +95,7 @@ impl Rig {
         returns_within("a kick", std::time::Duration::from_secs(5), move || {
             backend
                 .handle_event(REQUEST_QUEUE_EVENT, EventSet::IN, &vrings, 0)
-                .unwrap()
+                .unwrap();
         });
     }
 

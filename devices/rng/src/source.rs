@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use hvisor_vhost_device::chain::{Segment, stream_parts};
+use hvisor_vhost_core::chain::{Segment, stream_parts};
 use vm_memory::{
     GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
 };

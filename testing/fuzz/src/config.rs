@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use hvisor_vhost::hvisor::config::{MAX_DEVICES, MAX_MEMORY_REGIONS, MAX_ZONES, VirtioConfig};
+use hvisor_transport::config::{MAX_DEVICES, MAX_MEMORY_REGIONS, MAX_ZONES, VirtioConfig};
 
 const FILE_NAME: &str = "fuzz-virtio_cfg.json";
 

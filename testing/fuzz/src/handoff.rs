@@ -11,8 +11,8 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::sync::OnceLock;
 
-use hvisor_vhost::hvisor::config::MemoryRegion;
-use hvisor_vhost::hvisor::handoff::{Handoff, HypervisorHello};
+use hvisor_transport::config::MemoryRegion;
+use hvisor_transport::handoff::{Handoff, HypervisorHello};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const PAGE: u64 = 4096;
@@ -45,11 +45,8 @@ fn descriptors() -> &'static [File] {
         let eventfd = unsafe { File::from_raw_fd(eventfd.try_clone().expect("dup").into_raw_fd()) };
         let mut pipe = [-1; 2];
         // SAFETY: `pipe` has room for the two descriptors; the result is checked.
-        assert_eq!(
-            unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
-            0,
-            "pipe2"
-        );
+        let created = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(created, 0, "pipe2");
         // SAFETY: fresh descriptors that nothing else owns; the write end is closed at once.
         let (pipe, _) = unsafe { (File::from_raw_fd(pipe[0]), File::from_raw_fd(pipe[1])) };
         vec![

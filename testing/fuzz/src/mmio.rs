@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use hvisor_bridge::abi::{DeviceReq, MAX_CPUS, VirtioBridge};
 use hvisor_bridge::ring::HypervisorSide;
-use hvisor_vhost::hvisor::config::{MemoryRegion, VirtioConfig};
-use hvisor_vhost::hvisor::devices::open_all;
-use hvisor_vhost::hvisor::mmio::{MAGIC_VALUE, VERSION, reg};
-use hvisor_vhost::hvisor::port::{HypervisorPort, PortError};
-use hvisor_vhost::hvisor::server::Server;
+use hvisor_transport::config::{MemoryRegion, VirtioConfig};
+use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
+use hvisor_transport::port::{HypervisorPort, PortError};
+use hvisor_transport::server::Server;
+use hvisor_vhost::registry::open_hvisor_devices;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -118,7 +118,7 @@ impl Rig {
             ram: ram.clone(),
             wakeup: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
         });
-        let devices = open_all(&config).expect("devices");
+        let devices = open_hvisor_devices(&config).expect("devices");
         let server =
             Server::new(&config, devices, port.clone(), Duration::ZERO).expect("request loop");
         let region = GuestRegionMmap::from_range(
@@ -232,7 +232,7 @@ pub fn mmio(data: &[u8]) {
     let (image, requests) = rest.split_at(image_len);
     let mut rig = rig()
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     rig.reset_all();
     let mut ram = vec![0u8; RAM_SIZE];
     ram[..image.len().min(RAM_SIZE)].copy_from_slice(&image[..image.len().min(RAM_SIZE)]);

@@ -181,7 +181,7 @@ fn net() -> Vec<Vec<u8>> {
 /// A driver bringing up queue 0 of the device in `window` over the rings of
 /// [`crate::guest`]'s queue 0, then kicking it.
 fn bring_up(window: u8) -> Vec<u8> {
-    use hvisor_vhost::hvisor::mmio::reg;
+    use hvisor_transport::mmio::reg;
     let write = |offset: u64, value: u64| mmio::encode(0, true, window, 4, offset as u16, value);
     let read = |offset: u64| mmio::encode(1, false, window, 4, offset as u16, 0);
     [

@@ -22,9 +22,10 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 
-use hvisor_vhost::vhost_user::{StopSignal, serve_frontend};
 use hvisor_vhost_blk::{BlkBackend, BlkConfig, IoEngine};
+use hvisor_vhost_core::stop::StopSignal;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
+use vhost_user_transport::serve_frontend;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 

@@ -1,0 +1,24 @@
+//! The hvisor transport: serve guests of hvisor's non-root zones from the `virtio_bridge`
+//! request ring, emulating virtio-mmio in front of the device crates.
+//!
+//! - [`abi`]: the shared page and ioctl numbers;
+//! - [`ring`]: both halves of the ring protocol and its wake-up handshake;
+//! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
+//! - [`config`]: hvisor-tool's `virtio_cfg.json`;
+//! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
+//! - [`devices`]: the devices of the configuration, opened before the hand-off and started
+//!   behind virtio-mmio once zone RAM is mapped.
+//!
+//! hvisor's side played in software, for tests and workstations, is the `hvisor-sim` crate
+//! under `testing/`.
+
+pub use hvisor_bridge::{abi, ring, sync};
+
+pub mod config;
+pub mod devices;
+mod file_kind;
+pub mod handoff;
+pub mod interrupt;
+pub mod mmio;
+pub mod port;
+pub mod server;
