@@ -153,7 +153,9 @@ impl Server {
         })
     }
 
-    fn handle(&mut self, request: DeviceReq) {
+    /// Serves one request taken from the ring: the register access, then the answer a
+    /// synchronous request waits for.
+    pub fn handle(&mut self, request: DeviceReq) {
         let size = match request.size {
             1 | 2 | 4 | 8 => request.size as u8,
             other => {

@@ -121,7 +121,7 @@ pub(crate) fn wait_readable(fds: [RawFd; 2]) -> io::Result<[bool; 2]> {
 
 /// Why one frontend could not be served. The serving loop logs it and carries on.
 #[derive(Debug, thiserror::Error)]
-enum ConnectionError {
+pub enum ConnectionError {
     #[error("cannot make the worker threads' exit events: {0}")]
     ExitEvents(io::Error),
     #[error("cannot create the connection's vhost-user daemon: {0}")]
@@ -226,12 +226,46 @@ where
     B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
-    let mut connection = ConnectionDaemon::new(name, backend)?;
-    let (relay_address, mut relay_listener) =
-        relay_listener().map_err(ConnectionError::RelaySocket)?;
+    // Set up before the frontend is accepted: one that cannot be served waits in the listen
+    // queue meanwhile.
+    let connection = ConnectionDaemon::new(name, backend)?;
+    let relay = relay_listener().map_err(ConnectionError::RelaySocket)?;
     let Some(frontend) = listener.accept().map_err(ConnectionError::Accept)? else {
         return Ok(false);
     };
+    serve_accepted(name, backend, connection, relay, frontend, stop)?;
+    Ok(true)
+}
+
+/// Serves one frontend already connected on `frontend` until it leaves or `stop` closes it,
+/// exactly as the serving loop serves each frontend it accepts (for in-process harnesses).
+pub fn serve_frontend<B>(
+    name: &str,
+    backend: &B,
+    frontend: UnixStream,
+    stop: &StopSignal,
+) -> Result<(), ConnectionError>
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
+    let connection = ConnectionDaemon::new(name, backend)?;
+    let relay = relay_listener().map_err(ConnectionError::RelaySocket)?;
+    serve_accepted(name, backend, connection, relay, frontend, stop)
+}
+
+fn serve_accepted<B>(
+    name: &str,
+    backend: &B,
+    mut connection: ConnectionDaemon<B>,
+    (relay_address, mut relay_listener): (SocketAddr, Listener),
+    frontend: UnixStream,
+    stop: &StopSignal,
+) -> Result<(), ConnectionError>
+where
+    B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+{
     let backend_end = UnixStream::connect_addr(&relay_address).map_err(ConnectionError::Connect)?;
     connection
         .daemon
@@ -291,7 +325,7 @@ where
             warn!("{name}: cannot drop the inflight region of the frontend that left: {error}");
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 fn tracks_inflight<B: VhostUserBackend>(backend: &B) -> bool {
