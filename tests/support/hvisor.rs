@@ -27,8 +27,8 @@ use hvisor_transport::server::{Server, ServerError};
 use hvisor_vhost::registry;
 use hvisor_vhost_core::stop::StopSignal;
 use virtio_guest_driver::DriverQueue;
-use virtio_guest_driver::blk::RequestBuffers;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_guest_driver::blk::{Payload, RequestBuffers};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -447,15 +447,6 @@ fn spawn_gate(
     (receiver, relay)
 }
 
-/// The data of a blk request.
-pub enum Payload<'d> {
-    None,
-    /// Written to the device.
-    Out(&'d [u8]),
-    /// Read from the device, this many bytes.
-    In(u32),
-}
-
 /// A virtio-blk driver with one queue that polls its used ring rather than waiting for the
 /// simulator's interrupts, which are one queue for all devices: drivers running at once would
 /// take each other's. It still takes every interrupt its device raises: after each request it
@@ -480,7 +471,6 @@ impl<'a> PolledBlk<'a> {
             return Err(format!("device id {device} is not blk").into());
         }
         mmio.initialize(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH)?;
-        DriverQueue::clear(memory, queue_size, at)?;
         let queue = mmio.setup_queue(0, queue_size, at)?;
         mmio.driver_ok()?;
         Ok(PolledBlk::new(mmio, queue, memory))
@@ -488,10 +478,7 @@ impl<'a> PolledBlk<'a> {
 
     /// A driver for a device already set up with `queue`; buffers follow the rings.
     pub fn new(mmio: MmioGuest<'a>, queue: DriverQueue, memory: &'a GuestMemoryMmap) -> Self {
-        let buffers = RequestBuffers::at(
-            queue.desc.unchecked_add(DriverQueue::footprint(queue.size)),
-            Self::DATA_LEN,
-        );
+        let buffers = RequestBuffers::at(queue.layout.end(), Self::DATA_LEN);
         PolledBlk {
             mmio,
             queue,
@@ -502,17 +489,9 @@ impl<'a> PolledBlk<'a> {
 
     /// Publishes a request and notifies the device; returns the chain's head.
     pub fn post(&mut self, request_type: u32, sector: u64, payload: Payload) -> TestResult<u16> {
-        let data = match payload {
-            Payload::None => None,
-            Payload::Out(bytes) => {
-                self.memory.write_slice(bytes, self.buffers.data)?;
-                Some((bytes.len() as u32, false))
-            }
-            Payload::In(len) => Some((len, true)),
-        };
         let chain = self
             .buffers
-            .chain(self.memory, request_type, sector, data)?;
+            .chain(self.memory, request_type, sector, payload)?;
         let head = self.queue.add(self.memory, &chain)?;
         self.mmio.notify(0)?;
         Ok(head)
@@ -559,9 +538,7 @@ impl<'a> PolledBlk<'a> {
     pub fn read(&mut self, sector: u64, len: u32) -> TestResult<(u8, Vec<u8>)> {
         let head = self.post(BLK_T_IN, sector, Payload::In(len))?;
         let (status, _) = self.complete(head)?;
-        let mut data = vec![0u8; len as usize];
-        self.memory.read_slice(&mut data, self.buffers.data)?;
-        Ok((status, data))
+        Ok((status, self.buffers.data(self.memory, len)?))
     }
 }
 
