@@ -44,16 +44,18 @@ pub const SECTOR: u64 = 512;
 /// Stride of the guest RAM areas handed to drivers (rings, then buffers).
 pub const AREA_SIZE: u64 = 0x4_0000;
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_BLK_F_FLUSH: u64 = virtio_guest_driver::blk::F_FLUSH;
-pub const BLK_T_IN: u32 = virtio_guest_driver::blk::T_IN;
-pub const BLK_T_OUT: u32 = virtio_guest_driver::blk::T_OUT;
-pub const BLK_S_OK: u8 = virtio_guest_driver::blk::S_OK;
-pub const STATUS_UNWRITTEN: u8 = virtio_guest_driver::blk::STATUS_UNWRITTEN;
+// The driver's constants under the names the tests use; like the rest of this module, not
+// every test binary uses each (see mod.rs).
+#[allow(unused_imports)]
+pub use virtio_guest_driver::blk::{
+    F_FLUSH as VIRTIO_BLK_F_FLUSH, S_OK as BLK_S_OK, STATUS_UNWRITTEN, T_IN as BLK_T_IN,
+    T_OUT as BLK_T_OUT,
+};
+#[allow(unused_imports)]
+pub use virtio_guest_driver::{
+    F_VERSION_1 as VIRTIO_F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+};
 
 /// The `n`th driver area of a zone's RAM.
 pub fn area(n: u64) -> GuestAddress {
@@ -467,7 +469,7 @@ impl<'a> PolledBlk<'a> {
     pub fn start(mmio: MmioGuest<'a>, at: GuestAddress, queue_size: u16) -> TestResult<Self> {
         let memory = mmio.sim.memory(mmio.zone).ok_or("zone without RAM")?;
         let device = mmio.probe()?;
-        if device != 2 {
+        if device != virtio_guest_driver::blk::DEVICE_ID {
             return Err(format!("device id {device} is not blk").into());
         }
         mmio.initialize(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH)?;

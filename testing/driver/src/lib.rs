@@ -9,6 +9,15 @@ mod queue;
 
 pub use queue::{DESC_SIZE, DriverQueue, QueueLayout};
 
+/// Device status bits a driver sets (virtio 1.2 section 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// Feature bits of every device type (virtio 1.2 section 6).
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("guest memory: {0}")]

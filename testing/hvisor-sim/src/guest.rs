@@ -7,15 +7,13 @@ use std::time::Duration;
 use hvisor_transport::config::{DeviceKind, VirtioConfig};
 use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
 use virtio_guest_driver::blk::{self, Payload, RequestBuffers};
-use virtio_guest_driver::{DriverError, DriverQueue, QueueLayout};
+use virtio_guest_driver::{
+    DriverError, DriverQueue, F_EVENT_IDX, F_VERSION_1, QueueLayout, STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::{SimError, Simulator};
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -218,9 +216,7 @@ impl<'a> BlkGuest<'a> {
                 version: device,
             });
         }
-        const VERSION_1: u64 = 1 << 32;
-        const EVENT_IDX: u64 = 1 << 29;
-        let features = mmio.initialize(VERSION_1 | EVENT_IDX | blk::F_FLUSH)?;
+        let features = mmio.initialize(F_VERSION_1 | F_EVENT_IDX | blk::F_FLUSH)?;
         let queue = mmio.setup_queue(0, queue_size, scratch)?;
         mmio.driver_ok()?;
         let buffers = RequestBuffers::at(queue.layout.end(), data_len);
