@@ -5,7 +5,9 @@
 //! reduced to one memfd-backed RAM region owned by the test process. The
 //! driver lays out split virtqueues in that RAM, builds descriptor chains,
 //! kicks, and reads completions back, so a test can assert on exactly what a
-//! guest would see.
+//! guest would see. The rings are `virtio_guest_driver`'s [`DriverQueue`], as
+//! the hvisor simulator's guest has them; what is vhost-user's (negotiation,
+//! memory table, eventfds) and the allocator of buffers in guest RAM are here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -227,7 +229,8 @@ struct ChainMemory {
 /// One virtqueue: its rings, the guest RAM of the chains in flight, and its eventfds.
 struct Virtqueue {
     ring: DriverQueue,
-    /// By head; empty for chains built with [`VhostUserDriver::enqueue_raw`].
+    /// The guest RAM of each chain in flight, by head (none for chains built with
+    /// [`VhostUserDriver::enqueue_raw`]).
     chains: HashMap<u16, ChainMemory>,
     kick: EventFd,
     call: EventFd,
@@ -738,16 +741,16 @@ impl VhostUserDriver {
         buffers: &[Buffer],
         mut memory: ChainMemory,
     ) -> Result<u16> {
-        let published = match queue_mut(&mut self.queues, queue) {
-            Ok(q) if self.indirect => self
-                .allocator
+        let ring = &mut queue_mut(&mut self.queues, queue)?.ring;
+        let published = if self.indirect {
+            self.allocator
                 .alloc(DESC_SIZE * buffers.len() as u64)
                 .and_then(|table| {
                     memory.allocations.push(table);
-                    Ok(q.ring.add_indirect(&self.mem, table, buffers)?)
-                }),
-            Ok(q) => q.ring.add(&self.mem, buffers).map_err(DriverError::from),
-            Err(e) => Err(e),
+                    Ok(ring.add_indirect(&self.mem, table, buffers)?)
+                })
+        } else {
+            ring.add(&self.mem, buffers).map_err(DriverError::from)
         };
         match published {
             Ok(head) => {

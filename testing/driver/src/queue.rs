@@ -386,8 +386,12 @@ mod tests {
 
     const BASE: u64 = 0x4000_0000;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), 1 << 20)]).expect("test memory")
+    /// Guest memory from [`BASE`] and queue `index` of 4 entries at its start.
+    fn four_entries(index: u32) -> (GuestMemoryMmap, DriverQueue) {
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), 1 << 20)]).expect("test memory");
+        let queue = DriverQueue::new(index, QueueLayout::new(4, GuestAddress(BASE)));
+        (memory, queue)
     }
 
     fn buffer(addr: u64, len: u32, device_writable: bool) -> Buffer {
@@ -449,9 +453,8 @@ mod tests {
 
     #[test]
     fn a_chain_is_linked_published_and_its_descriptors_come_back_when_used() {
-        let memory = memory();
-        let layout = QueueLayout::new(4, GuestAddress(BASE));
-        let mut queue = DriverQueue::new(3, layout);
+        let (memory, mut queue) = four_entries(3);
+        let layout = queue.layout;
         let chain = [
             buffer(BASE + 0x8000, 16, false),
             buffer(BASE + 0x9000, 1, true),
@@ -504,9 +507,8 @@ mod tests {
 
     #[test]
     fn an_indirect_chain_takes_one_descriptor_pointing_at_its_table() {
-        let memory = memory();
-        let layout = QueueLayout::new(4, GuestAddress(BASE));
-        let mut queue = DriverQueue::new(0, layout);
+        let (memory, mut queue) = four_entries(0);
+        let layout = queue.layout;
         let table = GuestAddress(BASE + 0x8000);
         let chain = [
             buffer(BASE + 0x9000, 16, false),
@@ -545,9 +547,8 @@ mod tests {
 
     #[test]
     fn a_head_not_in_flight_is_an_error_and_consumed() {
-        let memory = memory();
-        let layout = QueueLayout::new(4, GuestAddress(BASE));
-        let mut queue = DriverQueue::new(1, layout);
+        let (memory, mut queue) = four_entries(1);
+        let layout = queue.layout;
         let head = queue
             .add(&memory, &[buffer(BASE + 0x8000, 1, true)])
             .unwrap();
@@ -571,9 +572,8 @@ mod tests {
 
     #[test]
     fn pop_used_asks_for_the_next_interrupt_and_take_used_does_not() {
-        let memory = memory();
-        let layout = QueueLayout::new(4, GuestAddress(BASE));
-        let mut queue = DriverQueue::new(0, layout);
+        let (memory, mut queue) = four_entries(0);
+        let layout = queue.layout;
         let chain = [buffer(BASE + 0x8000, 1, true)];
         for idx in 0..2 {
             queue.add(&memory, &chain).unwrap();
@@ -594,9 +594,8 @@ mod tests {
         assert!(!need_event(8, 8, 4));
         assert!(need_event(0xffff, 2, 0xfffe), "across the wrap");
 
-        let memory = memory();
-        let layout = QueueLayout::new(4, GuestAddress(BASE));
-        let mut queue = DriverQueue::new(0, layout);
+        let (memory, mut queue) = four_entries(0);
+        let layout = queue.layout;
         let chain = [buffer(BASE + 0x8000, 1, true)];
         queue.add(&memory, &chain).unwrap();
         assert!(queue.needs_notification(&memory, true).unwrap());
