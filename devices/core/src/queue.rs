@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use log::error;
@@ -13,6 +13,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use crate::counters::QueueCounters;
 use crate::log_limit::LogLimiter;
 
 /// Heads beyond the descriptor table: a driver can publish them as fast as it likes.
@@ -72,9 +73,14 @@ pub type FaultHandler = Arc<dyn Fn(&QueueFault) + Send + Sync>;
 ///
 /// A head beyond the descriptor table is skipped (it names no buffer that could be returned)
 /// with a rate-limited warning, and the rest of the batch is served.
+///
+/// Once a transport installed [`QueueCounters`] ([`Rings::count_chains`]), every chain taken
+/// and returned and every fault is counted on its queue's counters.
 #[derive(Default)]
 pub struct Rings {
     fault_handler: RwLock<Option<FaultHandler>>,
+    /// Indexed by queue; a queue beyond the slice is not counted.
+    counters: OnceLock<Arc<[QueueCounters]>>,
 }
 
 impl Rings {
@@ -83,6 +89,21 @@ impl Rings {
             .fault_handler
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(handler);
+    }
+
+    /// Counts chains and faults of queue `n` on `counters[n]` from now on. Once only: the
+    /// workers read the counters without a lock, so they cannot be replaced.
+    pub fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.counters.set(counters).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the device's chains are counted already",
+            )
+        })
+    }
+
+    fn counters(&self, queue: u16) -> Option<&QueueCounters> {
+        self.counters.get()?.get(usize::from(queue))
     }
 
     /// The next chain the driver made available on `queue`, or `None` when there is none (or
@@ -95,16 +116,26 @@ impl Rings {
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         // A statement of its own, so the ring's lock is released before a fault is handled.
         let popped = take_chain(vring.get_mut().get_queue_mut(), queue, mem);
-        popped.unwrap_or_else(|fault| {
+        let chain = popped.unwrap_or_else(|fault| {
             self.stop(vring, QueueFault { queue, fault });
             None
-        })
+        })?;
+        if let Some(counters) = self.counters(queue) {
+            // A second walk of the descriptors, paid only where they are counted; one the
+            // device will find broken counts what could be read of it.
+            let readable = chain.clone().readable().map(|desc| u64::from(desc.len()));
+            counters.chain_taken(readable.sum());
+        }
+        Some(chain)
     }
 
     /// Puts `head` in the used ring of `queue` with `len` bytes written; false when the used
     /// ring cannot be written, which stops the queue.
     pub fn add_used(&self, vring: &VringRwLock, queue: u16, head: u16, len: u32) -> bool {
         let Err(error) = vring.add_used(head, len) else {
+            if let Some(counters) = self.counters(queue) {
+                counters.chain_used(len);
+            }
             return true;
         };
         let addr = vring.get_ref().get_queue().used_ring();
@@ -119,6 +150,9 @@ impl Rings {
 
     fn stop(&self, vring: &VringRwLock, fault: QueueFault) {
         vring.set_queue_ready(false);
+        if let Some(counters) = self.counters(fault.queue) {
+            counters.faults.increment();
+        }
         error!("{fault}; queue stopped until the driver resets or re-initialises it");
         let handler = self
             .fault_handler
