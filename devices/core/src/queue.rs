@@ -411,6 +411,47 @@ mod tests {
         assert!(!queue_is_live(&queue.vring));
     }
 
+    #[test]
+    fn counted_rings_count_chains_bytes_and_faults_on_their_queue() {
+        use crate::testing::readable;
+        let memory = TestMemory::new(MEMORY_SIZE);
+        let mut queue = TestQueue::new(&memory, 0, 16, false);
+        let rings = Rings::default();
+        let counters: Arc<[QueueCounters]> = (0..2).map(|_| QueueCounters::default()).collect();
+        rings.count_chains(counters.clone()).unwrap();
+        assert!(
+            rings.count_chains(counters.clone()).is_err(),
+            "counters cannot be replaced under the workers"
+        );
+        let first = queue.add_chain(&[readable(0x8000, 16), readable(0x9000, 4096)]);
+        let second = queue.add_indirect_chain(
+            0xa000,
+            &[readable(0xb000, 100), writable(0xc000, 512), writable(0xd000, 1)],
+        );
+        for (head, used_len) in [(first, 0), (second, 513)] {
+            let chain = rings.pop(&queue.vring, 1, memory.mem).unwrap();
+            assert_eq!(chain.head_index(), head);
+            assert!(rings.add_used(&queue.vring, 1, head, used_len));
+        }
+        let counted = &counters[1];
+        assert_eq!(counted.taken.get(), 2);
+        assert_eq!(counted.used.get(), 2);
+        assert_eq!(counted.bytes_to_device.get(), 16 + 4096 + 100);
+        assert_eq!(counted.bytes_to_driver.get(), 513);
+        assert_eq!(counted.faults.get(), 0);
+        assert_eq!(counters[0].taken.get(), 0, "only queue 1 served");
+
+        // A queue beyond the counters is served, not counted.
+        queue.add_chain(&[readable(0x8000, 16)]);
+        assert!(rings.pop(&queue.vring, 7, memory.mem).is_some());
+        assert_eq!(counted.taken.get(), 2);
+
+        queue.set_avail_idx(queue.used_idx().wrapping_add(40));
+        assert!(rings.pop(&queue.vring, 1, memory.mem).is_none());
+        assert_eq!(counted.faults.get(), 1);
+        assert_eq!(counted.taken.get(), 2);
+    }
+
     /// The re-check after notifications are re-enabled: a buffer the driver publishes while the
     /// device is still serving (so it sends no kick: notifications are off) must be served by
     /// another pass, not left until some later kick.
