@@ -56,7 +56,13 @@ fn every_request_answer_notify_chain_byte_and_interrupt_is_counted_once() -> Tes
     let rig = Rig::start(RigOptions::new(&[BLK]));
     let start = snapshot(&rig);
     assert_eq!(start.version, 1);
-    assert_eq!(start.ring, RingSnapshot::default());
+    // Idle so far: it may have polled and gone to sleep, nothing else.
+    let idle = RingSnapshot {
+        poll_misses: start.ring.poll_misses,
+        sleeps: start.ring.sleeps,
+        ..RingSnapshot::default()
+    };
+    assert_eq!(start.ring, idle);
     let device = &start.devices[..];
     assert_eq!(device.len(), 1);
     assert_eq!(device[0].name, "zone1-blk0@0xa003c00");
@@ -212,7 +218,8 @@ fn stray_accesses_and_refused_register_accesses_are_counted_as_errors() -> TestR
     let device = &end.devices[0];
     assert_eq!(device.refused_accesses, 4, "{device:?}");
     assert_eq!(device.notifies, 0);
-    assert_eq!((device.reads, device.writes), (3, 2));
+    // The unanswerable read still reached the device.
+    assert_eq!((device.reads, device.writes), (4, 2));
     Ok(rig.stop()?)
 }
 
