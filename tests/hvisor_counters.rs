@@ -37,7 +37,10 @@ fn snapshot(rig: &Rig) -> Snapshot {
 
 fn sent_by_simulator(rig: &Rig) -> (u64, u64) {
     let stats = &rig.sim.stats;
-    (stats.requests.load(Relaxed), stats.wakeups_sent.load(Relaxed))
+    (
+        stats.requests.load(Relaxed),
+        stats.wakeups_sent.load(Relaxed),
+    )
 }
 
 /// Sleeps and wake-ups pair up: every wake-up ends a sleep, and only the current sleep may be
@@ -45,7 +48,10 @@ fn sent_by_simulator(rig: &Rig) -> (u64, u64) {
 fn assert_sleeps_pair_with_wakeups(ring: &RingSnapshot, wakeups_sent: u64) {
     assert!(ring.wakeups <= ring.sleeps, "{ring:?}");
     assert!(ring.sleeps - ring.wakeups <= 1, "{ring:?}");
-    assert!(ring.wakeups <= wakeups_sent, "{ring:?}, {wakeups_sent} sent");
+    assert!(
+        ring.wakeups <= wakeups_sent,
+        "{ring:?}, {wakeups_sent} sent"
+    );
 }
 
 #[test]
@@ -115,7 +121,11 @@ fn every_request_answer_notify_chain_byte_and_interrupt_is_counted_once() -> Tes
     assert_eq!(end.result_ring.full_waits, 0);
 
     let device = &end.devices[0];
-    assert_eq!(device.reads + device.writes, sent, "every access was the device's");
+    assert_eq!(
+        device.reads + device.writes,
+        sent,
+        "every access was the device's"
+    );
     assert_eq!(device.notifies, requests);
     assert_eq!(device.chains_taken, requests);
     assert_eq!(device.chains_used, requests);
@@ -155,7 +165,11 @@ fn a_poll_window_that_never_ends_finds_requests_without_sleeping() -> TestResult
     assert_eq!(ring.requests, READS);
     assert!((1..=READS).contains(&ring.poll_hits), "{ring:?}");
     assert_eq!((ring.poll_misses, ring.sleeps, ring.wakeups), (0, 0, 0));
-    assert_eq!(sent_by_simulator(&rig).1, 0, "the daemon asked for a wake-up");
+    assert_eq!(
+        sent_by_simulator(&rig).1,
+        0,
+        "the daemon asked for a wake-up"
+    );
     Ok(rig.stop()?)
 }
 
@@ -325,7 +339,11 @@ fn the_daemon_reports_its_counters_on_sigusr1_and_at_exit() -> TestResult {
     sim.detach();
     let log = daemon.log();
     let all = reports(&log);
-    assert_eq!(all.len(), 2, "one report per SIGUSR1 and one at exit:\n{log}");
+    assert_eq!(
+        all.len(),
+        2,
+        "one report per SIGUSR1 and one at exit:\n{log}"
+    );
     let last = &all[1];
     assert_eq!(last["reason"], "exit");
     assert_eq!(last["ring"]["requests"], sent);
@@ -345,7 +363,14 @@ fn the_daemon_reports_its_counters_on_sigusr1_and_at_exit() -> TestResult {
     };
     assert_eq!(
         shape(last),
-        ["devices", "elapsed_ms", "reason", "result_ring", "ring", "version"]
+        [
+            "devices",
+            "elapsed_ms",
+            "reason",
+            "result_ring",
+            "ring",
+            "version"
+        ]
     );
     assert_eq!(shape(&last["ring"]).len(), 8);
     assert_eq!(shape(&last["result_ring"]).len(), 2);

@@ -822,8 +822,16 @@ fn a_full_result_ring_delays_interrupts_but_not_register_answers() -> TestResult
     assert!(interrupts[..32].iter().all(|&taken| taken == first_line));
     assert_eq!(interrupts[32], second_line);
     let counted = rig.counters.snapshot(Reason::Signal);
-    assert_eq!(counted.result_ring.full_waits, 1, "{:?}", counted.result_ring);
-    assert!(counted.result_ring.full_wait_us > 0, "{:?}", counted.result_ring);
+    assert_eq!(
+        counted.result_ring.full_waits, 1,
+        "{:?}",
+        counted.result_ring
+    );
+    assert!(
+        counted.result_ring.full_wait_us > 0,
+        "{:?}",
+        counted.result_ring
+    );
     first.acknowledge_interrupt()?;
     second.acknowledge_interrupt()?;
     write_and_verify(&mut first, &rig.images[0], 64, 9)?;

@@ -426,7 +426,11 @@ mod tests {
         let first = queue.add_chain(&[readable(0x8000, 16), readable(0x9000, 4096)]);
         let second = queue.add_indirect_chain(
             0xa000,
-            &[readable(0xb000, 100), writable(0xc000, 512), writable(0xd000, 1)],
+            &[
+                readable(0xb000, 100),
+                writable(0xc000, 512),
+                writable(0xd000, 1),
+            ],
         );
         for (head, used_len) in [(first, 0), (second, 513)] {
             let chain = rings.pop(&queue.vring, 1, memory.mem).unwrap();

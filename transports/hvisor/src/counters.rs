@@ -279,7 +279,11 @@ mod tests {
             size_of::<WorkerCounters>(),
             size_of::<QueueCounters>(),
         ] {
-            assert_eq!(size % 128, 0, "a group of {size} bytes shares its last line");
+            assert_eq!(
+                size % 128,
+                0,
+                "a group of {size} bytes shares its last line"
+            );
         }
     }
 

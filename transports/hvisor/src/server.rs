@@ -149,10 +149,7 @@ impl Server {
         }
         bridge.mmio_avail.store(1, Ordering::Release);
         let interrupts = spawn_interrupt_thread(lines).map_err(ServerError::Interrupts)?;
-        let counters = Arc::new(Counters::new(
-            injector.counters().clone(),
-            device_counters,
-        ));
+        let counters = Arc::new(Counters::new(injector.counters().clone(), device_counters));
         Ok(Server {
             port,
             injector,
