@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use hvisor_sim::guest::{BlkGuest, MmioGuest};
 use hvisor_transport::abi::{DeviceReq, DeviceRes};
+use hvisor_transport::counters::Reason;
 use hvisor_transport::mmio::reg;
 use hvisor_transport::ring::HypervisorSide;
 use support::hvisor::*;
@@ -815,6 +816,17 @@ fn a_full_result_ring_delays_interrupts_but_not_register_answers() -> TestResult
     };
     assert!(interrupts[..32].iter().all(|&taken| taken == first_line));
     assert_eq!(interrupts[32], second_line);
+    let counted = rig.counters.snapshot(Reason::Signal);
+    assert_eq!(
+        counted.result_ring.full_waits, 1,
+        "{:?}",
+        counted.result_ring
+    );
+    assert!(
+        counted.result_ring.full_wait_us > 0,
+        "{:?}",
+        counted.result_ring
+    );
     first.acknowledge_interrupt()?;
     second.acknowledge_interrupt()?;
     write_and_verify(&mut first, &rig.images[0], 64, 9)?;
@@ -1025,6 +1037,10 @@ fn a_broken_ring_sets_needs_reset_until_the_device_is_reset() -> TestResult {
     let fault = format!("avail index {broken} is 72 entries ahead");
     assert_eq!(logged_count(&[&fault, "queue stopped"]), 1);
     assert_eq!(logged_count(&[&fault, "DEVICE_NEEDS_RESET set"]), 1);
+    let counted = &rig.counters.snapshot(Reason::Signal).devices[0];
+    assert_eq!(counted.ring_faults, 1, "{counted:?}");
+    assert_eq!(counted.config_signals, 1, "{counted:?}");
+    assert_eq!(counted.interrupts, 3, "{counted:?}");
 
     let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(1), 64)?;
     assert_eq!(driver.mmio.read(reg::STATUS)?, running);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use hvisor_sim::guest::MmioGuest;
 use hvisor_sim::{SimOptions, Simulator};
 use hvisor_transport::config::VirtioConfig;
+use hvisor_transport::counters::Counters;
 use hvisor_transport::handoff::{self, DaemonReply};
 use hvisor_transport::mmio::reg;
 use hvisor_transport::port::SocketPort;
@@ -163,6 +164,8 @@ pub struct Rig {
     pub sim: Arc<Simulator>,
     /// Image of each device of [`RigOptions::devices`], in the same order.
     pub images: Vec<PathBuf>,
+    /// The daemon's counters.
+    pub counters: Arc<Counters>,
     stop: Arc<StopSignal>,
     server: Option<JoinHandle<Result<(), ServerError>>>,
     gate: Option<(Arc<ResultGate>, JoinHandle<io::Result<()>>)>,
@@ -214,6 +217,7 @@ impl Rig {
         let server =
             Server::new(&config, devices, Arc::new(port), options.poll).expect("daemon start");
         let stop = StopSignal::new().expect("stop signal");
+        let counters = server.counters().clone();
         let server = {
             let stop = stop.clone();
             thread::Builder::new()
@@ -232,6 +236,7 @@ impl Rig {
         Rig {
             sim,
             images,
+            counters,
             stop,
             server: Some(server),
             gate,
