@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::warn;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::abi::DeviceRes;
 use super::counters::{DeviceCounters, ResultRingCounters};
@@ -135,6 +135,11 @@ impl LineState {
 }
 
 /// One device's interrupt line into its zone, with the eventfds that ask for its interrupts.
+///
+/// A queue's call eventfd is read by the queue's worker right after the device's
+/// `handle_event` returns ([`Self::queue_signalled`]), so a completion becomes an interrupt on
+/// the thread that completed it, without waking another thread. The interrupt thread watches
+/// what comes from elsewhere: the configuration-change eventfd and `recheck`.
 pub struct InterruptLine {
     zone: u32,
     irq: u32,
@@ -143,6 +148,10 @@ pub struct InterruptLine {
     /// written by the device when it used buffers, then the configuration-change eventfd
     /// (INT_CONFIG). Read only under `state`.
     signals: Vec<(EventFd, u32)>,
+    /// Written when a queue may have been signalled outside its worker (a device returns
+    /// buffers when the driver stops a queue): the interrupt thread then reads every queue's
+    /// call eventfd.
+    recheck: EventFd,
     state: Mutex<LineState>,
     counters: Arc<DeviceCounters>,
 }
@@ -155,20 +164,21 @@ impl InterruptLine {
         calls: Vec<EventFd>,
         config_change: EventFd,
         counters: Arc<DeviceCounters>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let signals = calls
             .into_iter()
             .map(|call| (call, INT_VRING))
             .chain(std::iter::once((config_change, INT_CONFIG)))
             .collect();
-        InterruptLine {
+        Ok(InterruptLine {
             zone,
             irq,
             injector,
             signals,
+            recheck: EventFd::new(EFD_NONBLOCK)?,
             state: Mutex::new(LineState::default()),
             counters,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, LineState> {
@@ -177,16 +187,54 @@ impl InterruptLine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The eventfds that ask for interrupts (each queue's call, then the configuration-change
-    /// one), for the thread that waits on them.
-    pub fn signals(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.signals.iter().map(|(signal, _)| signal.as_raw_fd())
+    /// The eventfds the interrupt thread waits on: the configuration-change one and
+    /// `recheck`, in that order.
+    pub fn interrupt_thread_signals(&self) -> [RawFd; 2] {
+        let config_change = self.signals.last().map(|(signal, _)| signal.as_raw_fd());
+        [
+            config_change.expect("a line has its configuration-change signal"),
+            self.recheck.as_raw_fd(),
+        ]
     }
 
-    /// Signal `index` of [`Self::signals`] fired: its InterruptStatus bit, if the signal is
-    /// still pending. Reading it under the lock is what lets a reset drop signals from before
-    /// it.
-    pub fn signalled(&self, index: usize) {
+    /// The interrupt thread saw signal `index` of [`Self::interrupt_thread_signals`].
+    pub fn interrupt_thread_signalled(&self, index: usize) {
+        let queues = self.signals.len() - 1;
+        if index == 0 {
+            self.signalled(queues);
+            return;
+        }
+        // Drained first: a recheck asked for meanwhile comes round again.
+        let _ = self.recheck.read();
+        for queue in 0..queues {
+            self.signalled(queue);
+        }
+    }
+
+    /// After the device ran outside the queues' workers in a way that may have signalled a
+    /// queue: lets the interrupt thread take those signals, so this thread does not wait for
+    /// room in the result ring.
+    pub fn request_recheck(&self) {
+        if let Err(error) = self.recheck.write(1) {
+            warn!(
+                "irq {} of zone {}: cannot ask for a recheck of the queues' signals: {error}",
+                self.irq, self.zone
+            );
+        }
+    }
+
+    /// Called by the worker of `queue` once the device has handled its events: the queue's
+    /// used buffers become an interrupt here if the device signalled them.
+    pub fn queue_signalled(&self, queue: usize) {
+        if queue + 1 < self.signals.len() {
+            self.signalled(queue);
+        }
+    }
+
+    /// Signal `index` of `signals` fired, or may have: its InterruptStatus bit, if the signal
+    /// is pending (a read that finds nothing costs one system call). Reading it under the lock
+    /// is what lets a reset drop signals from before it.
+    fn signalled(&self, index: usize) {
         let send = {
             let mut state = self.lock();
             match self.signals.get(index) {

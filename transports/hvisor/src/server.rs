@@ -348,13 +348,15 @@ impl Drop for Server {
     }
 }
 
-/// One thread turns every queue's call eventfd into INT_VRING on its device's line.
+/// One thread turns the signals that do not come from a queue's worker (configuration
+/// changes, queues signalled while the driver stopped them) into interrupts on their
+/// device's line.
 fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
     // Token = position in `sources`: a line and one of its signals.
     let mut sources = Vec::new();
     for line in &lines {
-        for (index, signal) in line.signals().enumerate() {
+        for (index, signal) in line.interrupt_thread_signals().into_iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
                 signal,
@@ -389,7 +391,7 @@ fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd
                         return;
                     }
                     let (line, index) = &sources[token as usize];
-                    line.signalled(*index);
+                    line.interrupt_thread_signalled(*index);
                 }
             }
         })?;
