@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::abi::DeviceRes;
 use super::counters::{DeviceCounters, ResultRingCounters};
+use super::poll::InterruptCue;
 use super::port::HypervisorPort;
 use super::ring::push_result;
 
@@ -27,15 +28,18 @@ pub struct Injector {
     /// Set when the daemon stops: an interrupt still waiting for room is given up.
     stopping: AtomicBool,
     counters: Arc<ResultRingCounters>,
+    /// Told of every interrupt posted, so the request loop polls for the driver's answer.
+    cue: Arc<InterruptCue>,
 }
 
 impl Injector {
-    pub fn new(port: Arc<dyn HypervisorPort>) -> Self {
+    pub fn new(port: Arc<dyn HypervisorPort>, cue: Arc<InterruptCue>) -> Self {
         Injector {
             port,
             results: Mutex::new(()),
             stopping: AtomicBool::new(false),
             counters: Arc::default(),
+            cue,
         }
     }
 
@@ -90,6 +94,7 @@ impl Injector {
                 warn!("FINISH_REQ for irq {irq} of zone {zone} failed: {error}");
             }
             if pushed {
+                self.cue.interrupt_posted();
                 waited(full_since);
                 return true;
             }
