@@ -459,9 +459,11 @@ where
         if let Err(error) = self.backend.stop_vring(index as u32) {
             warn!("{}: stopping queue {index}: {error}", self.name);
         }
-        // Stopping may have returned buffers (the console's pending transmit chain) and
-        // signalled them here rather than on the queue's worker.
-        self.line.request_recheck();
+        // Stopping a live queue may have returned buffers (the console's pending transmit
+        // chain) and signalled them here rather than on the queue's worker.
+        if self.queues[index].ready {
+            self.line.request_recheck();
+        }
         self.queues[index].ready = false;
     }
 
