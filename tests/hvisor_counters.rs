@@ -373,7 +373,7 @@ fn the_daemon_reports_its_counters_on_sigusr1_and_at_exit() -> TestResult {
             "version"
         ]
     );
-    assert_eq!(shape(&last["ring"]).len(), 8);
+    assert_eq!(shape(&last["ring"]).len(), 9);
     assert_eq!(shape(&last["result_ring"]).len(), 2);
     assert_eq!(shape(device).len(), 19);
     // The file holds the same reports, plain JSON one per line.
