@@ -158,14 +158,20 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// The process strace started: the first child of the strace process.
+    /// The process strace started: its child that runs another program (strace first forks
+    /// short-lived children of its own to probe ptrace features).
     fn traced_child(&mut self) -> Result<libc::pid_t, Error> {
         let strace = self.pid;
         let children = format!("/proc/{strace}/task/{strace}/children");
+        let program = |pid: &str| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let strace_program = program(&strace.to_string());
         let started = Instant::now();
         loop {
             let listed = std::fs::read_to_string(&children).unwrap_or_default();
-            if let Some(pid) = listed.split_whitespace().next() {
+            let traced = listed
+                .split_whitespace()
+                .find(|pid| program(pid).is_some_and(|exe| Some(&exe) != strace_program.as_ref()));
+            if let Some(pid) = traced {
                 return Ok(pid.parse()?);
             }
             if let Some(status) = self.child.try_wait()? {
@@ -287,23 +293,31 @@ fn clock_tick() -> Duration {
     Duration::from_secs(1) / u32::try_from(ticks).unwrap_or(100).max(1)
 }
 
-/// The name and utime + stime of a `/proc/.../stat` file.
-fn read_stat(path: &Path) -> io::Result<(String, Duration)> {
-    let text = std::fs::read_to_string(path)?;
-    let malformed = || io::Error::new(io::ErrorKind::InvalidData, format!("{}", path.display()));
+/// The name and utime + stime (in clock ticks) of the text of a `/proc/.../stat` file.
+fn parse_stat(text: &str) -> Option<(String, u64)> {
     // The name is in parentheses and may itself contain spaces or parentheses.
-    let open = text.find('(').ok_or_else(malformed)?;
-    let close = text.rfind(')').ok_or_else(malformed)?;
-    let name = text[open + 1..close].to_owned();
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let name = text.get(open + 1..close)?.to_owned();
     // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
     let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    let ticks = |field: usize| -> io::Result<u32> {
-        fields
-            .get(field - 3)
-            .and_then(|value| value.parse().ok())
-            .ok_or_else(malformed)
-    };
-    Ok((name, clock_tick() * (ticks(14)? + ticks(15)?)))
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    Some((name, ticks(14)? + ticks(15)?))
+}
+
+fn read_stat(path: &Path) -> io::Result<(String, Duration)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+    let (name, ticks) = parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: not a stat line: {text:?}", path.display()),
+        )
+    })?;
+    Ok((
+        name,
+        clock_tick() * u32::try_from(ticks).unwrap_or(u32::MAX),
+    ))
 }
 
 /// CPU time (user + system) the whole process has used, exited threads included.
@@ -315,7 +329,10 @@ pub fn process_cpu(pid: libc::pid_t) -> io::Result<Duration> {
 /// ids when several threads share a name, as hvisor-tool's do).
 pub fn thread_cpu(pid: libc::pid_t) -> io::Result<HashMap<String, Duration>> {
     let mut threads = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+    let task = format!("/proc/{pid}/task");
+    let entries = std::fs::read_dir(&task)
+        .map_err(|error| io::Error::new(error.kind(), format!("{task}: {error}")))?;
+    for entry in entries {
         let path = entry?.path();
         let Some(tid) = path
             .file_name()
@@ -329,24 +346,30 @@ pub fn thread_cpu(pid: libc::pid_t) -> io::Result<HashMap<String, Duration>> {
             threads.push((tid, name, cpu));
         }
     }
+    Ok(key_threads(threads))
+}
+
+/// Keys threads (tid, name, CPU) by name, numbering `name#N` in the order of thread ids the
+/// names that several threads share.
+fn key_threads(mut threads: Vec<(u32, String, Duration)>) -> HashMap<String, Duration> {
     threads.sort_unstable_by_key(|&(tid, _, _)| tid);
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut sharing: HashMap<String, usize> = HashMap::new();
     for (_, name, _) in &threads {
-        *seen.entry(name.clone()).or_default() += 1;
+        *sharing.entry(name.clone()).or_default() += 1;
     }
     let mut numbered: HashMap<String, usize> = HashMap::new();
     let mut keyed = HashMap::new();
     for (_, name, cpu) in threads {
-        let key = if seen[&name] > 1 {
-            let n = numbered.entry(name.clone()).or_default();
-            *n += 1;
-            format!("{name}#{}", *n - 1)
+        let key = if sharing[&name] > 1 {
+            let next = numbered.entry(name.clone()).or_default();
+            *next += 1;
+            format!("{name}#{}", *next - 1)
         } else {
             name
         };
         keyed.insert(key, cpu);
     }
-    Ok(keyed)
+    keyed
 }
 
 /// Per-thread CPU used between two [`thread_cpu`] snapshots (threads born meanwhile count
@@ -362,4 +385,59 @@ pub fn thread_delta(
             (name.clone(), cpu.saturating_sub(earlier))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_prefix_is_taken_and_env_assignments_are_not() {
+        let labelled = Template::parse("ours: d --socket {SOCKET} {CONFIG}", "A".into()).unwrap();
+        assert_eq!(labelled.label, "ours");
+        assert_eq!(labelled.command, "d --socket {SOCKET} {CONFIG}");
+        let plain = Template::parse("env X={SOCKET} d {CONFIG}", "B".into()).unwrap();
+        assert_eq!(plain.label, "B");
+        assert_eq!(plain.command, "env X={SOCKET} d {CONFIG}");
+        let spaced = Template::parse("a b: d {SOCKET} {CONFIG}", "C".into()).unwrap();
+        assert_eq!(spaced.label, "C");
+    }
+
+    #[test]
+    fn both_placeholders_are_required() {
+        let error = Template::parse("d --config {CONFIG}", "A".into()).unwrap_err();
+        assert!(error.contains("{SOCKET}"), "{error}");
+        let error = Template::parse("d {SOCKET}", "A".into()).unwrap_err();
+        assert!(error.contains("{CONFIG}"), "{error}");
+    }
+
+    #[test]
+    fn render_fills_every_placeholder() {
+        let template = Template::parse("d {SOCKET} {CONFIG} {SOCKET}", "A".into()).unwrap();
+        assert_eq!(
+            template.render(Path::new("/c.json"), Path::new("/s.sock")),
+            "d /s.sock /c.json /s.sock"
+        );
+    }
+
+    #[test]
+    fn stat_names_may_hold_spaces_and_parentheses() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 3 0 100 0 0";
+        assert_eq!(parse_stat(line), Some(("a (b) c".into(), 12)));
+        assert_eq!(parse_stat("42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn threads_sharing_a_name_are_numbered_by_thread_id() {
+        let ms = Duration::from_millis;
+        let keyed = key_threads(vec![
+            (12, "hvisor-virtio".into(), ms(3)),
+            (10, "hvisor-virtio".into(), ms(1)),
+            (11, "interrupts".into(), ms(2)),
+        ]);
+        assert_eq!(keyed["hvisor-virtio#0"], ms(1));
+        assert_eq!(keyed["hvisor-virtio#1"], ms(3));
+        assert_eq!(keyed["interrupts"], ms(2));
+        assert_eq!(keyed.len(), 3);
+    }
 }

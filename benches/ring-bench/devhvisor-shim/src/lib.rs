@@ -166,9 +166,13 @@ fn device_ioctl(request: c_ulong, arg: usize) -> c_int {
         set_errno(libc::EBADF);
         return -1;
     };
-    let outcome = match u64::from(request) {
-        HVISOR_INIT_VIRTIO => Ok(()),
-        HVISOR_SET_EVENTFD => {
+    // The ioctl numbers fit 32 bits, so they are the same whatever the width of c_ulong.
+    const INIT_VIRTIO: c_ulong = HVISOR_INIT_VIRTIO as c_ulong;
+    const SET_EVENTFD: c_ulong = HVISOR_SET_EVENTFD as c_ulong;
+    const FINISH_REQ: c_ulong = HVISOR_FINISH_REQ as c_ulong;
+    let outcome = match request {
+        INIT_VIRTIO => Ok(()),
+        SET_EVENTFD => {
             // The argument is the eventfd itself, by value.
             let target = arg as c_int;
             // SAFETY: dup3 only changes the descriptor table; `target` is the daemon's own
@@ -181,7 +185,7 @@ fn device_ioctl(request: c_ulong, arg: usize) -> c_int {
                 Ok(())
             }
         }
-        HVISOR_FINISH_REQ => device.finish.write(1),
+        FINISH_REQ => device.finish.write(1),
         other => {
             report(&format!(
                 "ioctl {other:#x} on /dev/hvisor is not served from a hand-off socket"
