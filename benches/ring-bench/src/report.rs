@@ -7,7 +7,7 @@ use crate::daemon::Template;
 use crate::workload::{Plan, RunResult};
 
 const LABEL_WIDTH: usize = 46;
-const COLUMN_WIDTH: usize = 26;
+const COLUMN_WIDTH: usize = 28;
 
 fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
@@ -43,9 +43,9 @@ pub fn one_line(result: &RunResult) -> String {
     let mut line = format!(
         "sync read {:.1} us busy, {:.1} us after idle; 4 KiB read {:.1} us; 64 KiB {:.1} \
          us/request, CPU {:.0} ms; idle CPU {:.0} ms",
-        micros(result.sync_busy),
-        micros(result.sync_idle),
-        micros(result.small_read),
+        micros(result.sync_busy.median),
+        micros(result.sync_idle.median),
+        micros(result.small_read.median),
         micros(result.large_per_request),
         millis(result.large_cpu),
         millis(result.idle_cpu),
@@ -76,8 +76,13 @@ pub fn summary(templates: &[Template], results: &[Vec<RunResult>], plan: &Plan) 
     if plan.busy_reads > 0 {
         row(
             "sync register read, back to back (us)".into(),
-            &|r| micros(r.sync_busy),
+            &|r| micros(r.sync_busy.median),
             2,
+        );
+        row(
+            "  99th percentile (us)".into(),
+            &|r| micros(r.sync_busy.p99),
+            1,
         );
     }
     if plan.idle_reads > 0 {
@@ -86,14 +91,24 @@ pub fn summary(templates: &[Template], results: &[Vec<RunResult>], plan: &Plan) 
                 "sync register read, after {} ms idle (us)",
                 plan.idle_gap.as_secs_f64() * 1e3
             ),
-            &|r| micros(r.sync_idle),
+            &|r| micros(r.sync_idle.median),
+            1,
+        );
+        row(
+            "  99th percentile (us)".into(),
+            &|r| micros(r.sync_idle.p99),
             1,
         );
     }
     if plan.small_reads > 0 {
         row(
             "blk 4 KiB QD1 read (us)".into(),
-            &|r| micros(r.small_read),
+            &|r| micros(r.small_read.median),
+            1,
+        );
+        row(
+            "  99th percentile (us)".into(),
+            &|r| micros(r.small_read.p99),
             1,
         );
         row(

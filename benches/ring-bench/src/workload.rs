@@ -52,16 +52,41 @@ pub struct Plan {
     pub pin: Option<(usize, usize)>,
 }
 
+/// The median and 99th percentile of a series: a daemon that is descheduled now and then
+/// keeps a good median and shows it in the tail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub median: Duration,
+    pub p99: Duration,
+}
+
+impl Latency {
+    pub fn of(mut samples: Vec<Duration>) -> Latency {
+        samples.sort_unstable();
+        let at = |quantile: f64| {
+            let rank = (quantile * samples.len() as f64).ceil() as usize;
+            samples
+                .get(rank.clamp(1, samples.len().max(1)) - 1)
+                .copied()
+                .unwrap_or_default()
+        };
+        Latency {
+            median: at(0.5),
+            p99: at(0.99),
+        }
+    }
+}
+
 /// What one run measured.
 #[derive(Clone, Debug, Default)]
 pub struct RunResult {
-    /// Median round trip of a MagicValue read, back to back.
-    pub sync_busy: Duration,
-    /// Median round trip of a MagicValue read after the guest was idle for the gap.
-    pub sync_idle: Duration,
-    /// Median time of a 4 KiB read, from the guest's QueueNotify to the used ring reaped after
-    /// the interrupt was taken and acknowledged.
-    pub small_read: Duration,
+    /// Round trip of a MagicValue read, back to back.
+    pub sync_busy: Latency,
+    /// Round trip of a MagicValue read after the guest was idle for the gap.
+    pub sync_idle: Latency,
+    /// A 4 KiB read, from the guest's QueueNotify to the used ring reaped after the interrupt
+    /// was taken and acknowledged.
+    pub small_read: Latency,
     /// Time per request of the 64 KiB write + read-back rounds.
     pub large_per_request: Duration,
     pub small_cpu_per_request: Duration,
@@ -172,11 +197,6 @@ fn wait_until_waiting(sim: &Simulator, daemon: &mut Daemon) -> Result<bool, Erro
     Ok(true)
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort_unstable();
-    samples.get(samples.len() / 2).copied().unwrap_or_default()
-}
-
 fn per_request(total: Duration, requests: usize) -> Duration {
     total / u32::try_from(requests.max(1)).unwrap_or(u32::MAX)
 }
@@ -211,32 +231,32 @@ impl Guest<'_> {
         Ok(elapsed)
     }
 
-    fn busy_reads(&self, count: usize) -> Result<Duration, Error> {
+    fn busy_reads(&self, count: usize) -> Result<Latency, Error> {
         for _ in 0..WARM_UP {
             self.magic_read()?;
         }
         let samples = (0..count)
             .map(|_| self.magic_read())
             .collect::<Result<_, _>>()?;
-        Ok(median(samples))
+        Ok(Latency::of(samples))
     }
 
-    fn idle_reads(&self, count: usize, gap: Duration) -> Result<Duration, Error> {
+    fn idle_reads(&self, count: usize, gap: Duration) -> Result<Latency, Error> {
         let mut samples = Vec::with_capacity(count);
         for _ in 0..count {
             std::thread::sleep(gap);
             samples.push(self.magic_read()?);
         }
-        Ok(median(samples))
+        Ok(Latency::of(samples))
     }
 
     /// 4 KiB reads of random blocks above the area the 64 KiB rounds write, each checked
-    /// against the pattern the image was created with; returns (median time, CPU per read).
+    /// against the pattern the image was created with; returns (time, CPU per read).
     fn small_reads(
         &mut self,
         count: usize,
         image_bytes: u64,
-    ) -> Result<(Duration, Duration), Error> {
+    ) -> Result<(Latency, Duration), Error> {
         let blocks = (image_bytes - WRITTEN_BY_ROUNDS) / u64::from(SMALL);
         let mut sectors = Sectors(0x2545_f491_4f6c_dd1d);
         let mut samples = Vec::with_capacity(count);
@@ -261,7 +281,7 @@ impl Guest<'_> {
             }
         }
         let cpu = daemon::process_cpu(self.daemon_pid)?.saturating_sub(cpu_before);
-        Ok((median(samples), per_request(cpu, count)))
+        Ok((Latency::of(samples), per_request(cpu, count)))
     }
 
     fn large_rounds(&mut self, rounds: u32, result: &mut RunResult) -> Result<(), Error> {
@@ -386,4 +406,25 @@ fn measure(
         result.idle_cpu = daemon::process_cpu(guest.daemon_pid)?.saturating_sub(before);
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_takes_the_median_and_the_tail() {
+        let samples: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let latency = Latency::of(samples);
+        assert_eq!(latency.median, Duration::from_micros(50));
+        assert_eq!(latency.p99, Duration::from_micros(99));
+        assert_eq!(Latency::of(Vec::new()), Latency::default());
+    }
+
+    #[test]
+    fn the_pattern_differs_from_word_to_word() {
+        assert_ne!(pattern_word(0), pattern_word(1));
+        assert_ne!(pattern_word(1), pattern_word(2));
+        assert_eq!(pattern_word(7), pattern_word(7));
+    }
 }
