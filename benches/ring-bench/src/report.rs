@@ -65,87 +65,83 @@ pub fn summary(templates: &[Template], results: &[Vec<RunResult>], plan: &Plan) 
         header.push_str(&format!("{:>COLUMN_WIDTH$}", template.label));
     }
     println!("{header}");
-    let row = |label: String, value: &dyn Fn(&RunResult) -> f64, decimals: usize| {
+    type Value = fn(&RunResult) -> f64;
+    let latency = |label: String, median: Value, p99: Value, decimals| {
+        [
+            (label, median, decimals),
+            ("  99th percentile (us)".to_owned(), p99, 1),
+        ]
+    };
+    let mut rows: Vec<(String, Value, usize)> = Vec::new();
+    if plan.busy_reads > 0 {
+        rows.extend(latency(
+            "sync register read, back to back (us)".into(),
+            |r| micros(r.sync_busy.median),
+            |r| micros(r.sync_busy.p99),
+            2,
+        ));
+    }
+    if plan.idle_reads > 0 {
+        let gap_ms = plan.idle_gap.as_secs_f64() * 1e3;
+        rows.extend(latency(
+            format!("sync register read, after {gap_ms} ms idle (us)"),
+            |r| micros(r.sync_idle.median),
+            |r| micros(r.sync_idle.p99),
+            1,
+        ));
+    }
+    if plan.small_reads > 0 {
+        rows.extend(latency(
+            "blk 4 KiB QD1 read (us)".into(),
+            |r| micros(r.small_read.median),
+            |r| micros(r.small_read.p99),
+            1,
+        ));
+        rows.push((
+            "  daemon CPU per 4 KiB read (us)".into(),
+            |r| micros(r.small_cpu_per_request),
+            1,
+        ));
+    }
+    rows.extend([
+        (
+            "blk 64 KiB write + read-back (us/request)".to_owned(),
+            (|r| micros(r.large_per_request)) as Value,
+            1,
+        ),
+        (
+            "  daemon CPU in those rounds (ms)".into(),
+            |r| millis(r.large_cpu),
+            0,
+        ),
+        (
+            "  daemon CPU per request (us)".into(),
+            |r| micros(r.large_cpu_per_request),
+            1,
+        ),
+        (
+            "  wake-ups sent per request".into(),
+            |r| r.large_wakeups_per_request,
+            2,
+        ),
+    ]);
+    if !plan.idle_after.is_zero() {
+        rows.push((
+            format!(
+                "daemon CPU over {} s idle afterwards (ms)",
+                plan.idle_after.as_secs_f64()
+            ),
+            |r| millis(r.idle_cpu),
+            0,
+        ));
+    }
+    for (label, value, decimals) in rows {
         let mut line = format!("{label:LABEL_WIDTH$}");
         for runs in results {
             let values: Vec<f64> = runs.iter().map(value).collect();
             line.push_str(&format!("{:>COLUMN_WIDTH$}", cell(&values, decimals)));
         }
         println!("{line}");
-    };
-    if plan.busy_reads > 0 {
-        row(
-            "sync register read, back to back (us)".into(),
-            &|r| micros(r.sync_busy.median),
-            2,
-        );
-        row(
-            "  99th percentile (us)".into(),
-            &|r| micros(r.sync_busy.p99),
-            1,
-        );
-    }
-    if plan.idle_reads > 0 {
-        row(
-            format!(
-                "sync register read, after {} ms idle (us)",
-                plan.idle_gap.as_secs_f64() * 1e3
-            ),
-            &|r| micros(r.sync_idle.median),
-            1,
-        );
-        row(
-            "  99th percentile (us)".into(),
-            &|r| micros(r.sync_idle.p99),
-            1,
-        );
-    }
-    if plan.small_reads > 0 {
-        row(
-            "blk 4 KiB QD1 read (us)".into(),
-            &|r| micros(r.small_read.median),
-            1,
-        );
-        row(
-            "  99th percentile (us)".into(),
-            &|r| micros(r.small_read.p99),
-            1,
-        );
-        row(
-            "  daemon CPU per 4 KiB read (us)".into(),
-            &|r| micros(r.small_cpu_per_request),
-            1,
-        );
-    }
-    row(
-        "blk 64 KiB write + read-back (us/request)".into(),
-        &|r| micros(r.large_per_request),
-        1,
-    );
-    row(
-        "  daemon CPU in those rounds (ms)".into(),
-        &|r| millis(r.large_cpu),
-        0,
-    );
-    row(
-        "  daemon CPU per request (us)".into(),
-        &|r| micros(r.large_cpu_per_request),
-        1,
-    );
-    row(
-        "  wake-ups sent per request".into(),
-        &|r| r.large_wakeups_per_request,
-        2,
-    );
-    if !plan.idle_after.is_zero() {
-        row(
-            format!(
-                "daemon CPU over {} s idle afterwards (ms)",
-                plan.idle_after.as_secs_f64()
-            ),
-            &|r| millis(r.idle_cpu),
-            0,
-        );
     }
     let mut spreads = format!("{:LABEL_WIDTH$}", "64 KiB us/request: (max-min)/median");
     for runs in results {

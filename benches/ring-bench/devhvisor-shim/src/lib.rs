@@ -130,35 +130,30 @@ fn open_or_forward(path: *const c_char, flags: c_int, mode: c_uint, forward: Ope
     unsafe { forward(path, flags, mode) }
 }
 
-/// # Safety
-/// As open(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    open_or_forward(path, flags, mode, real!(c"open", OpenFn))
+/// Defines `open`-like entry points under each C library name (the names differ only in large
+/// file support and `_FORTIFY_SOURCE`): with the mode argument, or without it for the checked
+/// variants.
+macro_rules! interpose_open {
+    ($($name:ident => $real:literal),+) => {$(
+        /// # Safety
+        /// As open(2).
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
+            open_or_forward(path, flags, mode, real!($real, OpenFn))
+        }
+    )+};
+    (checked: $($name:ident => $real:literal),+) => {$(
+        /// # Safety
+        /// As open(2).
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
+            open_or_forward(path, flags, 0, real!($real, OpenFn))
+        }
+    )+};
 }
 
-/// # Safety
-/// As open(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
-    open_or_forward(path, flags, mode, real!(c"open64", OpenFn))
-}
-
-/// The checked `open` of `_FORTIFY_SOURCE` builds.
-///
-/// # Safety
-/// As open(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
-    open_or_forward(path, flags, 0, real!(c"open", OpenFn))
-}
-
-/// # Safety
-/// As open(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
-    open_or_forward(path, flags, 0, real!(c"open64", OpenFn))
-}
+interpose_open!(open => c"open", open64 => c"open64");
+interpose_open!(checked: __open_2 => c"open", __open64_2 => c"open64");
 
 fn device_ioctl(request: c_ulong, arg: usize) -> c_int {
     let guard = DEVICE.lock().unwrap_or_else(PoisonError::into_inner);
@@ -262,33 +257,26 @@ fn mmap_or_forward(
     unsafe { forward(addr, len, prot, flags, fd, offset) }
 }
 
-/// # Safety
-/// As mmap(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: i64,
-) -> *mut c_void {
-    mmap_or_forward(addr, len, prot, flags, fd, offset, real!(c"mmap", MmapFn))
+/// Defines `mmap` under each C library name (`mmap64` is the same call on 64-bit targets).
+macro_rules! interpose_mmap {
+    ($($name:ident => $real:literal),+) => {$(
+        /// # Safety
+        /// As mmap(2).
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            addr: *mut c_void,
+            len: usize,
+            prot: c_int,
+            flags: c_int,
+            fd: c_int,
+            offset: i64,
+        ) -> *mut c_void {
+            mmap_or_forward(addr, len, prot, flags, fd, offset, real!($real, MmapFn))
+        }
+    )+};
 }
 
-/// # Safety
-/// As mmap(2).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap64(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: i64,
-) -> *mut c_void {
-    mmap_or_forward(addr, len, prot, flags, fd, offset, real!(c"mmap64", MmapFn))
-}
+interpose_mmap!(mmap => c"mmap", mmap64 => c"mmap64");
 
 /// # Safety
 /// As close(2).
