@@ -279,6 +279,29 @@ impl<'a> BlkGuest<'a> {
     pub fn flush(&mut self) -> Result<u8, GuestError> {
         Ok(self.request(blk::T_FLUSH, 0, Payload::None)?.0)
     }
+
+    /// `rounds` rounds of writing a whole data buffer of a round-specific pattern and reading
+    /// it back, each checked (status and data): the first 64 buffer-sized blocks, in turn.
+    pub fn write_read_rounds(&mut self, rounds: u32) -> Result<(), GuestError> {
+        let len = self.buffers.data_len;
+        let mut pattern = vec![0u8; len as usize];
+        for round in 0..rounds {
+            for (i, byte) in pattern.iter_mut().enumerate() {
+                *byte = (i as u32 ^ round.wrapping_mul(0x9e37_79b9)) as u8;
+            }
+            let sector = u64::from(round % 64) * u64::from(len / 512);
+            let written = self.write(sector, &pattern)?;
+            let (read, back) = self.read(sector, len)?;
+            if written != blk::S_OK || read != blk::S_OK || back != pattern {
+                return Err(GuestError::Mismatch {
+                    round,
+                    written,
+                    read,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Probes every configured device of every zone and runs `rounds` write/read/verify rounds on
@@ -307,22 +330,7 @@ pub fn exercise_all(sim: &Simulator, config: &VirtioConfig, rounds: u32) -> Resu
             };
             let mut guest = BlkGuest::start(sim, zone.id, device.addr, scratch, 64, DATA_LEN)?;
             let started = std::time::Instant::now();
-            let mut pattern = vec![0u8; DATA_LEN as usize];
-            for round in 0..rounds {
-                for (i, byte) in pattern.iter_mut().enumerate() {
-                    *byte = (i as u32 ^ round.wrapping_mul(0x9e37_79b9)) as u8;
-                }
-                let sector = u64::from(round % 64) * u64::from(DATA_LEN / 512);
-                let written = guest.write(sector, &pattern)?;
-                let (read, back) = guest.read(sector, DATA_LEN)?;
-                if written != blk::S_OK || read != blk::S_OK || back != pattern {
-                    return Err(GuestError::Mismatch {
-                        round,
-                        written,
-                        read,
-                    });
-                }
-            }
+            guest.write_read_rounds(rounds)?;
             let elapsed = started.elapsed();
             println!(
                 "  blk: {rounds} rounds of 64 KiB write + read verified in {elapsed:.2?} ({:.1} us per request)",
