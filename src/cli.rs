@@ -100,8 +100,8 @@ pub struct HvisorArgs {
     /// the hvisor stand-in) instead of /dev/hvisor.
     #[arg(long)]
     pub hypervisor_socket: Option<PathBuf>,
-    /// Microseconds to busy-poll the request ring after the last request before sleeping;
-    /// 0 sleeps at once.
+    /// Ceiling, in microseconds, of the adaptive busy-poll of the request ring after the last
+    /// request before sleeping (windows shrink while polling finds nothing); 0 sleeps at once.
     #[arg(long, default_value_t = 50)]
     pub poll_us: u64,
     /// Also append every counters report (on SIGUSR1 and at exit) to this file, one JSON

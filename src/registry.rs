@@ -23,6 +23,10 @@ pub type DeviceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Queue size offered to hvisor guests' blk devices; the C daemon offers 512.
 const HVISOR_BLK_QUEUE_SIZE: u16 = 512;
+/// No blk poll window over hvisor: the transport's worker raises the interrupt once
+/// `handle_event` returns, so a window would delay every completion, and the driver's next
+/// request comes through the request ring, after its interrupt, anyway.
+const HVISOR_BLK_POLL_US: u32 = 0;
 
 /// What every backend is to both transports.
 pub trait Backend:
@@ -66,6 +70,7 @@ impl DeviceSettings {
                     serial: serial.clone(),
                     num_queues: 1,
                     queue_size: HVISOR_BLK_QUEUE_SIZE,
+                    poll_us: HVISOR_BLK_POLL_US,
                     ..BlkConfig::image(img.clone())
                 }
                 .validate()?,

@@ -27,6 +27,7 @@ pub struct RingCounters {
     pub(crate) poll_misses: Counter,
     pub(crate) sleeps: Counter,
     pub(crate) wakeups: Counter,
+    pub(crate) interrupt_wakeups: Counter,
 }
 
 /// The result ring's counts; written by whichever thread delivers an interrupt.
@@ -147,6 +148,9 @@ pub struct RingSnapshot {
     pub poll_misses: u64,
     pub sleeps: u64,
     pub wakeups: u64,
+    /// Sleeps ended by an interrupt this daemon posted, not by the hypervisor's wake-up.
+    #[serde(default)]
+    pub interrupt_wakeups: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +213,7 @@ impl Counters {
                 poll_misses: ring.poll_misses.get(),
                 sleeps: ring.sleeps.get(),
                 wakeups: ring.wakeups.get(),
+                interrupt_wakeups: ring.interrupt_wakeups.get(),
             },
             result_ring: ResultRingSnapshot {
                 full_waits: self.result_ring.full_waits.get(),

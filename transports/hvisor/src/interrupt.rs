@@ -2,15 +2,16 @@
 //! path that puts interrupts into the result ring.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::warn;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::abi::DeviceRes;
 use super::counters::{DeviceCounters, ResultRingCounters};
+use super::poll::InterruptCue;
 use super::port::HypervisorPort;
 use super::ring::push_result;
 
@@ -27,15 +28,30 @@ pub struct Injector {
     /// Set when the daemon stops: an interrupt still waiting for room is given up.
     stopping: AtomicBool,
     counters: Arc<ResultRingCounters>,
+    /// Told of every interrupt posted, so the request loop polls for the driver's answer.
+    cue: Arc<InterruptCue>,
+    /// Interrupts waiting for room in the result ring: while there are any, a queue's worker
+    /// hands its interrupt to the interrupt thread, behind them.
+    waiting: AtomicUsize,
+}
+
+/// What one attempt to put an interrupt into the result ring did.
+enum Push {
+    Pushed,
+    /// A reset made the interrupt stale; it was not sent.
+    Stale,
+    Full,
 }
 
 impl Injector {
-    pub fn new(port: Arc<dyn HypervisorPort>) -> Self {
+    pub fn new(port: Arc<dyn HypervisorPort>, cue: Arc<InterruptCue>) -> Self {
         Injector {
             port,
             results: Mutex::new(()),
             stopping: AtomicBool::new(false),
             counters: Arc::default(),
+            cue,
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -57,47 +73,69 @@ impl Injector {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `irq` for `zone` and signals FINISH_REQ, unless `still_wanted` (asked with the
-    /// result lock held, right before the push) says a reset has made the interrupt stale.
-    /// When the result ring is full it backs off with the lock released, nudging the
-    /// hypervisor to drain, so register answers of other devices never wait behind it.
-    /// Returns whether the interrupt went into the ring.
-    fn inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) -> bool {
-        let result = DeviceRes {
-            target_zone: zone,
-            irq_id: irq,
+    /// Queues `irq` for `zone` and signals FINISH_REQ (also when the ring is full: a nudge to
+    /// drain it), unless `still_wanted` (asked with the result lock held, right before the
+    /// push) says a reset has made the interrupt stale.
+    fn push(&self, zone: u32, irq: u32, still_wanted: &impl Fn() -> bool) -> Push {
+        let pushed = {
+            let _results = self.lock_results();
+            if !still_wanted() {
+                log::debug!("irq {irq} of zone {zone}: dropped, its device was reset");
+                return Push::Stale;
+            }
+            push_result(
+                self.port.bridge(),
+                DeviceRes {
+                    target_zone: zone,
+                    irq_id: irq,
+                },
+            )
         };
+        if let Err(error) = self.port.finish_request() {
+            warn!("FINISH_REQ for irq {irq} of zone {zone} failed: {error}");
+        }
+        if !pushed {
+            return Push::Full;
+        }
+        self.cue.interrupt_posted();
+        Push::Pushed
+    }
+
+    /// [`Self::inject`] for a queue's worker, which must not wait: `None` when the result ring
+    /// is full or other interrupts wait for room, so the interrupt is to be sent by the
+    /// interrupt thread, after those.
+    fn try_inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) -> Option<bool> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        match self.push(zone, irq, &still_wanted) {
+            Push::Pushed => Some(true),
+            Push::Stale => Some(false),
+            Push::Full => None,
+        }
+    }
+
+    /// Puts the interrupt into the result ring as [`Self::push`] does. When the ring is full it
+    /// backs off with the lock released, nudging the hypervisor to drain, so register answers
+    /// of other devices never wait behind it. Returns whether the interrupt went into the ring.
+    fn inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) -> bool {
         let mut backoff = Duration::from_micros(1);
         let mut last_warning: Option<Instant> = None;
         // When the ring was first found full.
         let mut full_since: Option<Instant> = None;
-        let waited = |full_since: Option<Instant>| {
-            if let Some(since) = full_since {
-                self.counters.waited(since.elapsed());
+        let delivered = loop {
+            match self.push(zone, irq, &still_wanted) {
+                Push::Pushed => break true,
+                Push::Stale => break false,
+                Push::Full => {}
             }
-        };
-        loop {
-            let pushed = {
-                let _results = self.lock_results();
-                if !still_wanted() {
-                    log::debug!("irq {irq} of zone {zone}: dropped, its device was reset");
-                    waited(full_since);
-                    return false;
-                }
-                push_result(self.port.bridge(), result)
-            };
-            if let Err(error) = self.port.finish_request() {
-                warn!("FINISH_REQ for irq {irq} of zone {zone} failed: {error}");
+            if full_since.is_none() {
+                full_since = Some(Instant::now());
+                self.waiting.fetch_add(1, Ordering::SeqCst);
             }
-            if pushed {
-                waited(full_since);
-                return true;
-            }
-            full_since.get_or_insert_with(Instant::now);
             if self.stopping.load(Ordering::Relaxed) {
                 warn!("stopping: irq {irq} of zone {zone} dropped, the result ring stayed full");
-                waited(full_since);
-                return false;
+                break false;
             }
             if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                 warn!("result ring full; irq {irq} of zone {zone} waits for the hypervisor");
@@ -105,7 +143,12 @@ impl Injector {
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(1));
+        };
+        if let Some(since) = full_since {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.counters.waited(since.elapsed());
         }
+        delivered
     }
 
     fn deassert(&self, zone: u32, irq: u32) {
@@ -123,6 +166,9 @@ struct LineState {
     asserted: bool,
     /// Counts device resets: an interrupt decided before a reset is not sent after it.
     resets: u64,
+    /// An interrupt a queue's worker decided (with `resets` as it was) but found no room for:
+    /// the interrupt thread sends it.
+    deferred: Option<u64>,
 }
 
 impl LineState {
@@ -135,6 +181,11 @@ impl LineState {
 }
 
 /// One device's interrupt line into its zone, with the eventfds that ask for its interrupts.
+///
+/// A queue's call eventfd is read by the queue's worker right after the device's
+/// `handle_event` returns ([`Self::queue_signalled`]), so a completion becomes an interrupt on
+/// the thread that completed it, without waking another thread. The interrupt thread watches
+/// what comes from elsewhere: the configuration-change eventfd and `recheck`.
 pub struct InterruptLine {
     zone: u32,
     irq: u32,
@@ -143,6 +194,10 @@ pub struct InterruptLine {
     /// written by the device when it used buffers, then the configuration-change eventfd
     /// (INT_CONFIG). Read only under `state`.
     signals: Vec<(EventFd, u32)>,
+    /// Written when a queue may have been signalled outside its worker (a device returns
+    /// buffers when the driver stops a queue): the interrupt thread then reads every queue's
+    /// call eventfd.
+    recheck: EventFd,
     state: Mutex<LineState>,
     counters: Arc<DeviceCounters>,
 }
@@ -155,20 +210,21 @@ impl InterruptLine {
         calls: Vec<EventFd>,
         config_change: EventFd,
         counters: Arc<DeviceCounters>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let signals = calls
             .into_iter()
             .map(|call| (call, INT_VRING))
             .chain(std::iter::once((config_change, INT_CONFIG)))
             .collect();
-        InterruptLine {
+        Ok(InterruptLine {
             zone,
             irq,
             injector,
             signals,
+            recheck: EventFd::new(EFD_NONBLOCK)?,
             state: Mutex::new(LineState::default()),
             counters,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, LineState> {
@@ -177,33 +233,99 @@ impl InterruptLine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The eventfds that ask for interrupts (each queue's call, then the configuration-change
-    /// one), for the thread that waits on them.
-    pub fn signals(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.signals.iter().map(|(signal, _)| signal.as_raw_fd())
+    /// The eventfds the interrupt thread waits on: the configuration-change one and
+    /// `recheck`, in that order.
+    pub fn interrupt_thread_signals(&self) -> [RawFd; 2] {
+        let config_change = self.signals.last().map(|(signal, _)| signal.as_raw_fd());
+        [
+            config_change.expect("a line has its configuration-change signal"),
+            self.recheck.as_raw_fd(),
+        ]
     }
 
-    /// Signal `index` of [`Self::signals`] fired: its InterruptStatus bit, if the signal is
-    /// still pending. Reading it under the lock is what lets a reset drop signals from before
-    /// it.
-    pub fn signalled(&self, index: usize) {
-        let send = {
-            let mut state = self.lock();
-            match self.signals.get(index) {
-                Some((signal, bit)) if signal.read().is_ok() => {
-                    let counters = &self.counters.line;
-                    if *bit == INT_CONFIG {
-                        counters.config_signals.increment();
-                    } else {
-                        counters.signals.increment();
-                    }
-                    state.raise(*bit)
-                }
-                // Drained by a reset in the meantime.
-                _ => None,
-            }
+    /// The interrupt thread saw signal `index` of [`Self::interrupt_thread_signals`].
+    pub fn interrupt_thread_signalled(&self, index: usize) {
+        let queues = self.signals.len() - 1;
+        if index == 0 {
+            self.signalled(queues);
+            return;
+        }
+        // Drained first: a recheck asked for meanwhile comes round again.
+        let _ = self.recheck.read();
+        let deferred = self.lock().deferred.take();
+        self.send(deferred);
+        for queue in 0..queues {
+            self.signalled(queue);
+        }
+    }
+
+    /// After the device ran outside the queues' workers in a way that may have signalled a
+    /// queue: lets the interrupt thread take those signals, so this thread does not wait for
+    /// room in the result ring.
+    pub fn request_recheck(&self) {
+        if let Err(error) = self.recheck.write(1) {
+            warn!(
+                "irq {} of zone {}: cannot ask for a recheck of the queues' signals: {error}",
+                self.irq, self.zone
+            );
+        }
+    }
+
+    /// Called by the worker of `queue` once the device has handled its events: the queue's
+    /// used buffers become an interrupt here if the device signalled them. A worker never
+    /// waits for room in the result ring (its device's data path, and a reset, would wait
+    /// with it): a full ring hands the interrupt to the interrupt thread.
+    pub fn queue_signalled(&self, queue: usize) {
+        if queue + 1 >= self.signals.len() {
+            return;
+        }
+        let Some(resets) = self.take_signal(queue) else {
+            return;
         };
-        self.send(send);
+        let still_wanted = || self.lock().resets == resets;
+        match self.injector.try_inject(self.zone, self.irq, still_wanted) {
+            Some(delivered) => self.count_sent(delivered),
+            None => {
+                self.lock().deferred = Some(resets);
+                self.request_recheck();
+            }
+        }
+    }
+
+    /// Signal `index` of `signals` fired, or may have: sends its interrupt, waiting for room
+    /// in the result ring if need be.
+    fn signalled(&self, index: usize) {
+        let decided = self.take_signal(index);
+        self.send(decided);
+    }
+
+    /// Takes signal `index` if it is pending (a read that finds nothing costs one system call)
+    /// and sets its InterruptStatus bit; `Some(resets)` when an interrupt must be sent.
+    /// Reading it under the lock is what lets a reset drop signals from before it.
+    fn take_signal(&self, index: usize) -> Option<u64> {
+        let mut state = self.lock();
+        match self.signals.get(index) {
+            Some((signal, bit)) if signal.read().is_ok() => {
+                let counters = &self.counters.line;
+                if *bit == INT_CONFIG {
+                    counters.config_signals.increment();
+                } else {
+                    counters.signals.increment();
+                }
+                state.raise(*bit)
+            }
+            // Drained by a reset in the meantime.
+            _ => None,
+        }
+    }
+
+    fn count_sent(&self, delivered: bool) {
+        let counters = &self.counters.line;
+        if delivered {
+            counters.delivered.increment();
+        } else {
+            counters.dropped.increment();
+        }
     }
 
     /// Outside the state lock: a full result ring must not stall the guest's status reads.
@@ -218,12 +340,7 @@ impl InterruptLine {
             let delivered = self
                 .injector
                 .inject(self.zone, self.irq, || self.lock().resets == resets);
-            let counters = &self.counters.line;
-            if delivered {
-                counters.delivered.increment();
-            } else {
-                counters.dropped.increment();
-            }
+            self.count_sent(delivered);
         }
     }
 
@@ -254,6 +371,9 @@ impl InterruptLine {
         }
         state.status = 0;
         state.resets += 1;
+        if state.deferred.take().is_some() {
+            self.counters.line.dropped.increment();
+        }
         if std::mem::take(&mut state.asserted) {
             self.injector.deassert(self.zone, self.irq);
         }

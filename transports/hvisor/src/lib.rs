@@ -5,7 +5,8 @@
 //! - [`ring`]: both halves of the ring protocol and its wake-up handshake;
 //! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
-//! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
+//! - [`server`]: the request loop, which [`poll`] tells when to poll; [`mmio`]: the register
+//!   file; [`interrupt`]: IRQ delivery;
 //!   [`counters`]: what each of them counts, read as one snapshot;
 //! - [`devices`]: the devices of the configuration, opened before the hand-off and started
 //!   behind virtio-mmio once zone RAM is mapped.
@@ -22,5 +23,6 @@ mod file_kind;
 pub mod handoff;
 pub mod interrupt;
 pub mod mmio;
+pub mod poll;
 pub mod port;
 pub mod server;

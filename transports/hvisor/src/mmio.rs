@@ -240,7 +240,7 @@ where
                 calls,
                 config_change,
                 counters.clone(),
-            )),
+            )?),
             workers: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -257,7 +257,8 @@ where
         Ok(device)
     }
 
-    /// The device's interrupt line, whose call eventfds the interrupt thread watches.
+    /// The device's interrupt line, whose configuration-change signal the interrupt thread
+    /// watches.
     pub fn line(&self) -> &Arc<InterruptLine> {
         &self.line
     }
@@ -294,6 +295,8 @@ where
                     .iter()
                     .map(|&queue| self.kicks[queue].clone())
                     .collect(),
+                line: self.line.clone(),
+                queues,
                 exit: exit.try_clone()?,
                 registry: registry.clone(),
                 counters: self.counters.clone(),
@@ -455,6 +458,11 @@ where
         vring.set_queue_ready(false);
         if let Err(error) = self.backend.stop_vring(index as u32) {
             warn!("{}: stopping queue {index}: {error}", self.name);
+        }
+        // Stopping a live queue may have returned buffers (the console's pending transmit
+        // chain) and signalled them here rather than on the queue's worker.
+        if self.queues[index].ready {
+            self.line.request_recheck();
         }
         self.queues[index].ready = false;
     }
@@ -773,6 +781,9 @@ struct QueueWorker<B> {
     thread_id: usize,
     vrings: Vec<VringRwLock>,
     kicks: Vec<Arc<EventFd>>,
+    /// The device's interrupt line, and the device's indices of this thread's queues.
+    line: Arc<InterruptLine>,
+    queues: Vec<usize>,
     exit: EventFd,
     registry: Arc<WorkerRegistry>,
     counters: Arc<DeviceCounters>,
@@ -817,10 +828,12 @@ where
                 Err(error) => return Err(error),
             };
             counters.wakeups.increment();
+            let mut exit = false;
             for event in &events[..ready] {
                 let token = event.data();
                 if token == exit_token {
-                    return Ok(());
+                    exit = true;
+                    break;
                 }
                 if let Some(kick) = self.kicks.get(token as usize) {
                     // Drained before serving, so a kick that arrives meanwhile wakes us again.
@@ -839,6 +852,14 @@ where
                     counters.event_errors.increment();
                     error!("{}: event {token} failed: {error}", self.name);
                 }
+            }
+            // The interrupt for what the device just completed, raised by this thread rather
+            // than by waking another one.
+            for &queue in &self.queues {
+                self.line.queue_signalled(queue);
+            }
+            if exit {
+                return Ok(());
             }
         }
     }

@@ -20,6 +20,7 @@ use super::counters::{Counters, DeviceIdentity};
 use super::devices::{DeviceError, OpenDevice};
 use super::interrupt::{Injector, InterruptLine};
 use super::mmio::MmioRegisters;
+use super::poll::{Gap, InterruptCue, PollWindows};
 use super::port::{HypervisorPort, PortError};
 use super::ring::{RequestConsumer, answer};
 use super::sync::Ordering;
@@ -74,7 +75,9 @@ pub struct Server {
     port: Arc<dyn HypervisorPort>,
     injector: Arc<Injector>,
     windows: Vec<Window>,
+    /// The ceiling of the adaptive busy-poll windows (`--poll-us`).
     poll: Duration,
+    cue: Arc<InterruptCue>,
     interrupts: Option<(EventFd, JoinHandle<()>)>,
     stray_accesses: LogLimiter,
     counters: Arc<Counters>,
@@ -113,7 +116,8 @@ impl Server {
         port: Arc<dyn HypervisorPort>,
         poll: Duration,
     ) -> Result<Self, ServerError> {
-        let injector = Arc::new(Injector::new(port.clone()));
+        let cue = Arc::new(InterruptCue::new().map_err(ServerError::Loop)?);
+        let injector = Arc::new(Injector::new(port.clone(), cue.clone()));
         let mut windows = Vec::new();
         let mut lines = Vec::new();
         let mut device_counters = Vec::new();
@@ -155,6 +159,7 @@ impl Server {
             injector,
             windows,
             poll,
+            cue,
             interrupts: Some(interrupts),
             stray_accesses: LogLimiter::with_burst(
                 module_path!(),
@@ -257,6 +262,7 @@ impl Server {
         const WAKEUP: u64 = 0;
         const STOP: u64 = 1;
         const HANGUP: u64 = 2;
+        const CUE: u64 = 3;
         let port = self.port.clone();
         let bridge = port.bridge();
         let epoll = Epoll::new().map_err(ServerError::Loop)?;
@@ -265,8 +271,10 @@ impl Server {
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(ServerError::Loop)
         };
+        let cue = self.cue.clone();
         watch(port.wakeup().as_raw_fd(), EventSet::IN, WAKEUP)?;
         watch(stop.wake_fd(), EventSet::IN, STOP)?;
+        watch(cue.wake_fd(), EventSet::IN, CUE)?;
         if let Some(hangup) = port.hangup() {
             watch(
                 hangup.as_raw_fd(),
@@ -275,19 +283,22 @@ impl Server {
             )?;
         }
         let mut consumer = RequestConsumer::new(bridge);
-        let mut events = [EpollEvent::default(); 3];
+        let mut events = [EpollEvent::default(); 4];
         let counters = self.counters.clone();
         let ring = &counters.ring;
         info!(
-            "serving {} device(s); busy-poll window {:?}",
+            "serving {} device(s); adaptive busy-poll window up to {:?}",
             self.windows.len(),
             self.poll
         );
+        let mut windows = PollWindows::new(self.poll);
+        let mut gap = Gap::AfterAccess;
         loop {
             // Drain, including before the first sleep: requests published before we set
             // `need_wakeup` brought no wake-up.
             consumer.announce_awake();
             let mut idle_since = Instant::now();
+            let mut posted = cue.posted();
             // The ring ran empty and we spin: the next request is a poll hit, a sleep ends
             // the window as a miss.
             let mut polling = false;
@@ -296,32 +307,59 @@ impl Server {
                     if std::mem::take(&mut polling) {
                         ring.poll_hits.increment();
                     }
+                    gap = if request.need_interrupt {
+                        Gap::AfterNotify
+                    } else {
+                        Gap::AfterAccess
+                    };
                     self.handle(request);
                     idle_since = Instant::now();
                 } else if stop.is_requested() {
                     return Ok(());
-                } else if idle_since.elapsed() < self.poll {
+                } else if cue.posted() != posted {
+                    // An interrupt went out: its driver's status read and acknowledgement
+                    // follow, so the window starts again.
+                    posted = cue.posted();
+                    gap = Gap::AfterAccess;
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() < windows.get(gap) {
                     polling = true;
                     std::hint::spin_loop();
                 } else if consumer.prepare_to_sleep() {
-                    if polling {
+                    if std::mem::take(&mut polling) {
                         ring.poll_misses.increment();
+                        windows.missed(gap);
                     }
                     break;
                 }
             }
+            // A posted interrupt wakes us only if the window after an access would poll.
+            if !windows.get(Gap::AfterAccess).is_zero() && !cue.going_to_sleep(posted) {
+                gap = Gap::AfterAccess;
+                continue;
+            }
             ring.sleeps.increment();
+            let asleep_since = Instant::now();
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(ready) => ready,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(ServerError::Loop(error)),
             };
+            cue.awake();
+            windows.slept(gap, asleep_since.elapsed());
+            // Each sleep is counted as ended by the hypervisor's wake-up if it came, else by a
+            // posted interrupt.
+            let mut woken_by_hypervisor = false;
             for event in &events[..ready] {
                 match event.data() {
                     WAKEUP => {
-                        ring.wakeups.increment();
+                        woken_by_hypervisor = true;
                         // Drains the counter; the ring is read in the next round either way.
                         let _ = port.wakeup().read();
+                    }
+                    CUE => {
+                        cue.woken();
+                        gap = Gap::AfterAccess;
                     }
                     STOP => return Ok(()),
                     _ => {
@@ -329,6 +367,11 @@ impl Server {
                         return Ok(());
                     }
                 }
+            }
+            if woken_by_hypervisor {
+                ring.wakeups.increment();
+            } else {
+                ring.interrupt_wakeups.increment();
             }
         }
     }
@@ -348,13 +391,15 @@ impl Drop for Server {
     }
 }
 
-/// One thread turns every queue's call eventfd into INT_VRING on its device's line.
+/// One thread turns the signals that do not come from a queue's worker (configuration
+/// changes, queues signalled while the driver stopped them) into interrupts on their
+/// device's line.
 fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
     // Token = position in `sources`: a line and one of its signals.
     let mut sources = Vec::new();
     for line in &lines {
-        for (index, signal) in line.signals().enumerate() {
+        for (index, signal) in line.interrupt_thread_signals().into_iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
                 signal,
@@ -389,7 +434,7 @@ fn spawn_interrupt_thread(lines: Vec<Arc<InterruptLine>>) -> io::Result<(EventFd
                         return;
                     }
                     let (line, index) = &sources[token as usize];
-                    line.signalled(*index);
+                    line.interrupt_thread_signalled(*index);
                 }
             }
         })?;
