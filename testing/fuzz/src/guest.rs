@@ -35,37 +35,57 @@ fn used_ring_len() -> u64 {
     4 + 8 * u64::from(QUEUE_SIZE) + 2
 }
 
-/// The guest memory of one harness run, the image it started from, and its queues.
+/// Guest memory that harness runs reuse, the image the current run started from, and its
+/// queues.
 pub struct Guest {
     pub mem: GuestMemoryMmap,
     pub atomic: GuestMemoryAtomic<GuestMemoryMmap>,
     before: Vec<u8>,
+    after: Vec<u8>,
     queues: u16,
 }
 
+/// Blocks in which [`Guest::check`] looks for changed bytes: a changed block is searched byte
+/// by byte, an unchanged one is skipped with one comparison.
+const DIFF_BLOCK: usize = 64;
+
 impl Guest {
-    /// Memory holding `image` from address 0 (zeroes beyond it), with `queues` rings whose
-    /// used index is 0.
-    pub fn new(image: &[u8], queues: u16) -> Self {
+    /// Zeroed memory with `queues` rings; each run starts with [`Guest::load`].
+    pub fn new(queues: u16) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)])
             .expect("anonymous guest memory");
-        let image = &image[..image.len().min(MEMORY_SIZE)];
-        mem.write_slice(image, GuestAddress(0)).expect("in memory");
-        for queue in 0..queues {
-            let (_, _, used) = ring_addresses(queue);
-            mem.write_obj(0u16, GuestAddress(used + 2))
-                .expect("in memory");
-        }
-        let before = snapshot(&mem);
         Guest {
             atomic: GuestMemoryAtomic::new(mem.clone()),
             mem,
-            before,
+            before: vec![0; MEMORY_SIZE],
+            after: vec![0; MEMORY_SIZE],
             queues,
         }
     }
 
-    /// Checks what the device did to guest memory since [`Guest::new`]:
+    /// Starts a run: all of memory is rewritten, to `image` from address 0 and zeroes beyond
+    /// it, whatever an earlier run left there; every used index is 0, as a driver
+    /// initialises it.
+    pub fn load(&mut self, image: &[u8]) {
+        let image = &image[..image.len().min(MEMORY_SIZE)];
+        self.before[..image.len()].copy_from_slice(image);
+        self.before[image.len()..].fill(0);
+        for queue in 0..self.queues {
+            let (_, _, used) = ring_addresses(queue);
+            let idx = (used + 2) as usize;
+            self.before[idx..idx + 2].fill(0);
+        }
+        self.mem
+            .write_slice(&self.before, GuestAddress(0))
+            .expect("in memory");
+    }
+
+    /// Memory as the device left it, read by the last [`Guest::check`].
+    pub fn image_after(&self) -> &[u8] {
+        &self.after
+    }
+
+    /// Checks what the device did to guest memory since [`Guest::load`]:
     ///
     /// - it wrote nothing outside the used rings and the device-writable buffers of the
     ///   descriptor tables (direct, or in an indirect table one of them names);
@@ -75,24 +95,36 @@ impl Guest {
     ///
     /// Both are judged against the tables as they were before and after the run (a writable
     /// buffer may overlap a table), taking the more permissive.
-    pub fn check(&self) {
-        let after = snapshot(&self.mem);
-        let mut allowed = Vec::new();
-        for queue in 0..self.queues {
-            let (_, _, used) = ring_addresses(queue);
-            allowed.push(used..used + used_ring_len());
-            for memory in [&self.before, &after] {
-                allowed.extend(writable_buffers(memory, queue));
+    pub fn check(&mut self) {
+        self.mem
+            .read_slice(&mut self.after, GuestAddress(0))
+            .expect("in memory");
+        let (before, after) = (&self.before[..], &self.after[..]);
+        if before != after {
+            let mut allowed = Vec::new();
+            for queue in 0..self.queues {
+                let (_, _, used) = ring_addresses(queue);
+                allowed.push(used..used + used_ring_len());
+                for memory in [before, after] {
+                    allowed.extend(writable_buffers(memory, queue));
+                }
             }
-        }
-        if let Some(at) = (0..MEMORY_SIZE).find(|&at| {
-            self.before[at] != after[at] && !allowed.iter().any(|r| r.contains(&(at as u64)))
-        }) {
-            panic!(
-                "the device wrote guest byte {at:#x} ({:#04x} -> {:#04x}), outside every used \
-                 ring and device-writable buffer",
-                self.before[at], after[at]
-            );
+            let changed = before
+                .chunks(DIFF_BLOCK)
+                .zip(after.chunks(DIFF_BLOCK))
+                .enumerate()
+                .filter(|(_, (old, new))| old != new)
+                .flat_map(|(block, _)| block * DIFF_BLOCK..(block + 1) * DIFF_BLOCK)
+                .filter(|&at| before[at] != after[at]);
+            for at in changed {
+                assert!(
+                    allowed.iter().any(|r| r.contains(&(at as u64))),
+                    "the device wrote guest byte {at:#x} ({:#04x} -> {:#04x}), outside every \
+                     used ring and device-writable buffer",
+                    before[at],
+                    after[at]
+                );
+            }
         }
         for queue in 0..self.queues {
             let (_, _, used) = ring_addresses(queue);
@@ -100,16 +132,17 @@ impl Guest {
             // A driver whose own writable buffer covers a used ring gets what it asked for:
             // that ring then holds data as well as used elements, and cannot be judged.
             let overwritten = (0..self.queues)
-                .flat_map(|q| [&self.before, &after].map(|memory| writable_buffers(memory, q)))
+                .flat_map(|q| [before, after].map(|memory| writable_buffers(memory, q)))
                 .flatten()
                 .any(|buffer| buffer.start < ring.end && ring.start < buffer.end);
             if !overwritten {
-                self.check_used_ring(queue, &after);
+                self.check_used_ring(queue);
             }
         }
     }
 
-    fn check_used_ring(&self, queue: u16, after: &[u8]) {
+    fn check_used_ring(&self, queue: u16) {
+        let after = &self.after[..];
         let (_, avail, used) = ring_addresses(queue);
         let used_idx = read_u16(after, used + 2);
         let published = read_u16(&self.before, avail + 2).max(read_u16(after, avail + 2));
@@ -126,7 +159,7 @@ impl Guest {
                 head < u32::from(QUEUE_SIZE),
                 "queue {queue}: used element {position} names head {head}, beyond the table"
             );
-            let writable = [&self.before, after]
+            let writable = [&self.before[..], after]
                 .iter()
                 .map(|memory| chain_writable_bytes(memory, queue, head as u16))
                 .max()
@@ -138,13 +171,6 @@ impl Guest {
             );
         }
     }
-}
-
-fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
-    let mut bytes = vec![0u8; MEMORY_SIZE];
-    mem.read_slice(&mut bytes, GuestAddress(0))
-        .expect("in memory");
-    bytes
 }
 
 fn read_u16(memory: &[u8], at: u64) -> u16 {
