@@ -340,26 +340,32 @@ fn run_net(data: &[u8], want_digest: bool) -> Option<u64> {
         });
     }
     let input = Input::parse(data)?;
-    RIG.with_borrow_mut(|NetRig { device_end, wire, rig }| {
-        // Frames an earlier input left on the TAP or sent to the wire.
-        drain_datagrams(device_end);
-        drain_datagrams(wire);
-        for frame in frames(input.host_data) {
-            // A frame the socket cannot take (too large, buffer full) is simply not on the TAP.
-            let _ = wire.send(frame);
-        }
-        let backend = net_device(device_end);
-        let queues = backend.num_queues() as u16;
-        backend
-            .attach_event_registry(0, Arc::new(EpollRegistry::default()))
-            .expect("registry");
-        rig.start(&backend, &input);
-        let tap_readable = queues + 1;
-        for device_event in [1, 0, tap_readable, 2] {
-            event(&backend, device_event, &rig.vrings);
-        }
-        rig.finish(&backend, want_digest)
-    })
+    RIG.with_borrow_mut(
+        |NetRig {
+             device_end,
+             wire,
+             rig,
+         }| {
+            // Frames an earlier input left on the TAP or sent to the wire.
+            drain_datagrams(device_end);
+            drain_datagrams(wire);
+            for frame in frames(input.host_data) {
+                // A frame the socket cannot take (too large, buffer full) is simply not on the TAP.
+                let _ = wire.send(frame);
+            }
+            let backend = net_device(device_end);
+            let queues = backend.num_queues() as u16;
+            backend
+                .attach_event_registry(0, Arc::new(EpollRegistry::default()))
+                .expect("registry");
+            rig.start(&backend, &input);
+            let tap_readable = queues + 1;
+            for device_event in [1, 0, tap_readable, 2] {
+                event(&backend, device_event, &rig.vrings);
+            }
+            rig.finish(&backend, want_digest)
+        },
+    )
 }
 
 /// The console target's kept state: the socket pair of the host side, and the rig.
@@ -390,24 +396,30 @@ fn run_console(data: &[u8], want_digest: bool) -> Option<u64> {
         });
     }
     let input = Input::parse(data)?;
-    RIG.with_borrow_mut(|ConsoleRig { device_end, host_end, rig }| {
-        // Input an earlier device did not read, output it wrote.
-        drain_stream(device_end);
-        drain_stream(host_end);
-        // What the socket takes now; the rest is input the host never sent.
-        let _ = std::io::Write::write(&mut &*host_end, input.host_data);
-        let duplicate = || OwnedFd::from(device_end.try_clone().expect("duplicate"));
-        let streams = Streams::new(duplicate(), duplicate()).expect("streams");
-        let backend =
-            ConsoleBackend::with_endpoint(Endpoint::Streams(streams), None::<&std::path::Path>)
-                .expect("console device");
-        backend
-            .attach_event_registry(0, Arc::new(EpollRegistry::default()))
-            .expect("registry");
-        rig.start(&backend, &input);
-        for device_event in [1, 0, STREAM_EVENT] {
-            event(&backend, device_event, &rig.vrings);
-        }
-        rig.finish(&backend, want_digest)
-    })
+    RIG.with_borrow_mut(
+        |ConsoleRig {
+             device_end,
+             host_end,
+             rig,
+         }| {
+            // Input an earlier device did not read, output it wrote.
+            drain_stream(device_end);
+            drain_stream(host_end);
+            // What the socket takes now; the rest is input the host never sent.
+            let _ = std::io::Write::write(&mut &*host_end, input.host_data);
+            let duplicate = || OwnedFd::from(device_end.try_clone().expect("duplicate"));
+            let streams = Streams::new(duplicate(), duplicate()).expect("streams");
+            let backend =
+                ConsoleBackend::with_endpoint(Endpoint::Streams(streams), None::<&std::path::Path>)
+                    .expect("console device");
+            backend
+                .attach_event_registry(0, Arc::new(EpollRegistry::default()))
+                .expect("registry");
+            rig.start(&backend, &input);
+            for device_event in [1, 0, STREAM_EVENT] {
+                event(&backend, device_event, &rig.vrings);
+            }
+            rig.finish(&backend, want_digest)
+        },
+    )
 }
