@@ -9,8 +9,9 @@
 //! Checks, per request: a synchronous request from a vCPU the bridge has an entry for is
 //! answered exactly once, a posted one never; the identification registers read what
 //! virtio-mmio says they hold. The server and its devices live for the whole process (one
-//! set of worker threads, not one per input); each input starts and ends with a device reset
-//! of every device, which must quiesce them, so inputs do not leak state into each other.
+//! set of worker threads, not one per input); each input ends with a device reset of every
+//! device, which must quiesce them, so inputs do not leak state into each other, and starts on
+//! freshly written RAM.
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -68,6 +69,8 @@ struct Rig {
     port: Arc<FuzzPort>,
     /// The harness's own mapping of the zone RAM.
     ram: GuestMemoryMmap,
+    /// An input started and has not reset the devices yet.
+    dirty: bool,
     _files: tempfile::TempDir,
 }
 
@@ -131,6 +134,7 @@ impl Rig {
             server,
             port,
             ram: GuestMemoryMmap::from_regions(vec![region]).expect("one region"),
+            dirty: true,
             _files: files,
         }
     }
@@ -233,12 +237,22 @@ pub fn mmio(data: &[u8]) {
     let mut rig = rig()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    rig.reset_all();
-    let mut ram = vec![0u8; RAM_SIZE];
-    ram[..image.len().min(RAM_SIZE)].copy_from_slice(&image[..image.len().min(RAM_SIZE)]);
+    // Every input ends with a reset; one that did not get there (it panicked) is made up for.
+    if rig.dirty {
+        rig.reset_all();
+    }
+    rig.dirty = true;
+    // All of RAM rewritten: the image, then zeroes over whatever an earlier input left.
+    static ZEROES: [u8; RAM_SIZE] = [0; RAM_SIZE];
+    let image = &image[..image.len().min(RAM_SIZE)];
     rig.ram
-        .write_slice(&ram, GuestAddress(0))
+        .write_slice(image, GuestAddress(0))
         .expect("zone RAM");
+    if image.len() < RAM_SIZE {
+        rig.ram
+            .write_slice(&ZEROES[image.len()..], GuestAddress(image.len() as u64))
+            .expect("zone RAM");
+    }
     for bytes in requests.chunks_exact(REQUEST_LEN) {
         let request = decode(bytes.try_into().expect("REQUEST_LEN bytes"));
         let answer = rig.serve(request);
@@ -265,4 +279,5 @@ pub fn mmio(data: &[u8]) {
         }
     }
     rig.reset_all();
+    rig.dirty = false;
 }
