@@ -35,8 +35,7 @@ use std::time::{Duration, Instant};
 use hvisor_sim::guest::MmioGuest;
 use hvisor_transport::mmio::{MAGIC_VALUE, reg};
 use hvisor_transport::server::DEFAULT_POLL;
-use virtio_guest_driver::{Buffer, DriverQueue, blk};
-use vm_memory::{Address, Bytes};
+use virtio_guest_driver::blk::{self, Payload, RequestBuffers};
 use vmm_sys_util::eventfd::EventFd;
 
 use rig::{BlkSpec, Rig, RigOptions};
@@ -295,35 +294,14 @@ fn blk_notify_to_interrupt(rig: &Rig) -> Result<Vec<Duration>> {
     }
     mmio.initialize(rig::VIRTIO_F_VERSION_1)?;
     let at = rig::area(0);
-    DriverQueue::clear(memory, QUEUE_SIZE, at)?;
     let mut queue = mmio.setup_queue(0, QUEUE_SIZE, at)?;
     mmio.driver_ok()?;
-    let header = at.unchecked_add(DriverQueue::footprint(QUEUE_SIZE));
-    let status = header.unchecked_add(16);
-    let data = header.unchecked_add(4096);
-    // The same request every time: a read (type 0) of sector 0, which stays in the page cache.
-    memory.write_slice(&[0u8; 16], header)?;
-    let chain = [
-        Buffer {
-            addr: header,
-            len: 16,
-            device_writable: false,
-        },
-        Buffer {
-            addr: data,
-            len: READ_LEN,
-            device_writable: true,
-        },
-        Buffer {
-            addr: status,
-            len: 1,
-            device_writable: true,
-        },
-    ];
+    let buffers = RequestBuffers::at(queue.layout.end(), READ_LEN);
     rig.sim.take_interrupts();
     let mut times = Vec::with_capacity(BLK_SAMPLES);
     for n in 0..WARM_UP + BLK_SAMPLES {
-        memory.write_obj(rig::STATUS_UNWRITTEN, status)?;
+        // The same request every time: a read of sector 0, which stays in the page cache.
+        let chain = buffers.chain(memory, blk::T_IN, 0, Payload::In(READ_LEN))?;
         let head = queue.add(memory, &chain)?;
         let notified = Instant::now();
         mmio.notify(0)?;
@@ -347,7 +325,7 @@ fn blk_notify_to_interrupt(rig: &Rig) -> Result<Vec<Duration>> {
             Some((used, _)) if used == head => {}
             other => return Err(format!("blk request {n}: used ring shows {other:?}").into()),
         }
-        let written: u8 = memory.read_obj(status)?;
+        let written = buffers.status(memory)?;
         if written != blk::S_OK {
             return Err(format!("blk request {n}: status {written}").into());
         }

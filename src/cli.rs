@@ -104,6 +104,10 @@ pub struct HvisorArgs {
     /// 0 sleeps at once.
     #[arg(long, default_value_t = 50)]
     pub poll_us: u64,
+    /// Also append every counters report (on SIGUSR1 and at exit) to this file, one JSON
+    /// object per line.
+    #[arg(long)]
+    pub counters_file: Option<PathBuf>,
 }
 
 #[cfg(feature = "simulator")]

@@ -6,6 +6,7 @@
 //! a transport serves.
 
 pub mod cli;
+pub mod counters;
 pub mod logging;
 pub mod registry;
 
@@ -38,6 +39,8 @@ pub enum Error {
     Hvisor(#[from] ServerError),
     #[error(transparent)]
     Port(#[from] PortError),
+    #[error(transparent)]
+    CountersFile(#[from] counters::CountersFileError),
     #[cfg(feature = "simulator")]
     #[error("simulator: {0}")]
     Simulator(String),
@@ -133,13 +136,16 @@ fn load_hvisor_config(path: &std::path::Path) -> Result<VirtioConfig, Error> {
     VirtioConfig::from_file(path).map_err(|error| Error::HvisorConfig(Box::new(error)))
 }
 
-/// Serves the zones of an hvisor-tool `virtio_cfg.json` until SIGINT or SIGTERM.
+/// Serves the zones of an hvisor-tool `virtio_cfg.json` until SIGINT or SIGTERM, reporting
+/// the counters on SIGUSR1 and at exit.
 pub fn serve_hvisor(args: &HvisorArgs) -> Result<(), Error> {
     use hvisor_transport::port::{DevHvisor, HypervisorPort, SocketPort};
     let config = load_hvisor_config(&args.config)?;
+    let sink = counters::CountersSink::open(args.counters_file.as_deref())?;
     // Before the hand-off: a hypervisor side that gets a reply can count on being served.
     let devices = registry::open_hvisor_devices(&config).map_err(ServerError::from)?;
     let stop = new_stop_signal()?;
+    let report_signal = counters::ReportSignal::register().map_err(Error::Signals)?;
     name_process_like_hvisor_tool();
     let port: Arc<dyn HypervisorPort> = match &args.hypervisor_socket {
         Some(path) => Arc::new(SocketPort::connect(path, &config)?),
@@ -147,9 +153,14 @@ pub fn serve_hvisor(args: &HvisorArgs) -> Result<(), Error> {
     };
     let poll = std::time::Duration::from_micros(args.poll_us);
     let mut server = hvisor_transport::server::Server::new(&config, devices, port, poll)?;
-    server.run(&stop)?;
+    let reporter =
+        counters::CountersReporter::start(report_signal, server.counters().clone(), sink)
+            .map_err(Error::Signals)?;
+    let served = server.run(&stop);
     stop.set_waiting_for("the device workers to finish their batches");
     drop(server);
+    reporter.finish();
+    served?;
     info!("stopped");
     Ok(())
 }

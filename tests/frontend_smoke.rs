@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::frontend::{DriverConfig, GuestBuffer, POISON_BYTE, UsedBuffer, VhostUserDriver};
+use support::frontend::{Buffer, DriverConfig, POISON_BYTE, UsedBuffer, VhostUserDriver};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
+use virtio_guest_driver::blk;
 
 const QSD: &str = "qemu-storage-daemon";
 const SECTOR_SIZE: u64 = 512;
@@ -87,13 +88,6 @@ impl Drop for StorageDaemon {
     }
 }
 
-fn blk_header(request_type: u32, sector: u64) -> [u8; 16] {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&request_type.to_le_bytes());
-    header[8..].copy_from_slice(&sector.to_le_bytes());
-    header
-}
-
 /// A distinct, non-repeating-per-sector pattern, so misplaced sectors show.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -103,13 +97,13 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 fn write_request(driver: &mut VhostUserDriver, sector: u64, data: &[u8]) -> u16 {
     driver
-        .enqueue(0, &[&blk_header(VIRTIO_BLK_T_OUT, sector), data], &[1])
+        .enqueue(0, &[&blk::header(VIRTIO_BLK_T_OUT, sector), data], &[1])
         .expect("enqueue write")
 }
 
 fn read_request(driver: &mut VhostUserDriver, sector: u64, len: u32) -> u16 {
     driver
-        .enqueue(0, &[&blk_header(VIRTIO_BLK_T_IN, sector)], &[len, 1])
+        .enqueue(0, &[&blk::header(VIRTIO_BLK_T_IN, sector)], &[len, 1])
         .expect("enqueue read")
 }
 
@@ -162,7 +156,7 @@ fn blk_write_read_back_and_reconnect() {
 
     let sector = 8;
     let data = pattern(64 << 10, 0x5c);
-    let header = blk_header(VIRTIO_BLK_T_OUT, sector);
+    let header = blk::header(VIRTIO_BLK_T_OUT, sector);
     let head = driver
         .submit(0, &[&header, &data], &[1])
         .expect("submit write");
@@ -200,21 +194,21 @@ fn blk_write_read_back_and_reconnect() {
     let buffer = driver.alloc(4096).unwrap();
     let status_byte = driver.alloc(1).unwrap();
     driver
-        .write_memory(header, &blk_header(VIRTIO_BLK_T_IN, sector))
+        .write_memory(header, &blk::header(VIRTIO_BLK_T_IN, sector))
         .unwrap();
     driver.write_memory(status_byte, &[POISON_BYTE]).unwrap();
     let chain = [
-        GuestBuffer {
+        Buffer {
             addr: header,
             len: 16,
             device_writable: false,
         },
-        GuestBuffer {
+        Buffer {
             addr: buffer,
             len: 4096,
             device_writable: true,
         },
-        GuestBuffer {
+        Buffer {
             addr: status_byte,
             len: 1,
             device_writable: true,

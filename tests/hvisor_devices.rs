@@ -57,7 +57,6 @@ fn rig_with(fields: serde_json::Value) -> Rig {
 /// the queues.
 fn start_device(
     mmio: &MmioGuest,
-    memory: &GuestMemoryMmap,
     device_id: u32,
     wanted: u64,
     queue_max: &[u32],
@@ -85,9 +84,7 @@ fn start_device(
     );
     let mut queues = Vec::new();
     for index in 0..queue_max.len() {
-        let at = area(index as u64);
-        DriverQueue::clear(memory, QUEUE_SIZE, at)?;
-        queues.push(mmio.setup_queue(index as u32, QUEUE_SIZE, at)?);
+        queues.push(mmio.setup_queue(index as u32, QUEUE_SIZE, area(index as u64))?);
     }
     mmio.driver_ok()?;
     Ok((offered, queues))
@@ -149,7 +146,7 @@ fn rng_fills_a_posted_buffer_from_its_source() -> TestResult {
     let rig = rig_with(serde_json::json!({ "type": "rng", "source": source }));
     let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
-    let (offered, mut queues) = start_device(&mmio, memory, VIRTIO_ID_RNG, 0, &[256])?;
+    let (offered, mut queues) = start_device(&mmio, VIRTIO_ID_RNG, 0, &[256])?;
     assert_eq!(
         offered & !(VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29),
         0,
@@ -185,7 +182,7 @@ fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     let rig = console_on(&socket);
     let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
-    let (offered, mut queues) = start_device(&mmio, memory, VIRTIO_ID_CONSOLE, 0, &[128, 128])?;
+    let (offered, mut queues) = start_device(&mmio, VIRTIO_ID_CONSOLE, 0, &[128, 128])?;
     assert_eq!(offered & VIRTIO_CONSOLE_F_SIZE, 0, "a socket has no size");
     let [receiveq, transmitq] = &mut queues[..] else {
         unreachable!("two queues set up")
@@ -233,7 +230,6 @@ fn console_input_waits_for_driver_ok() -> TestResult {
     let mut receiveq = None;
     for index in 0..2u32 {
         let at = area(u64::from(index));
-        DriverQueue::clear(memory, QUEUE_SIZE, at)?;
         let queue = mmio.setup_queue(index, QUEUE_SIZE, at)?;
         if index == 0 {
             receiveq = Some(queue);
@@ -384,7 +380,7 @@ fn net_moves_frames_between_its_queues_and_a_tap() -> TestResult {
         let memory = rig.memory(ZONE);
         let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
         let (offered, mut queues) =
-            start_device(&mmio, memory, VIRTIO_ID_NET, VIRTIO_NET_F_MAC, &[256, 256])?;
+            start_device(&mmio, VIRTIO_ID_NET, VIRTIO_NET_F_MAC, &[256, 256])?;
         for feature in [
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MRG_RXBUF,

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use hvisor_sim::guest::{BlkGuest, MmioGuest};
 use hvisor_transport::abi::{DeviceReq, DeviceRes};
+use hvisor_transport::counters::Reason;
 use hvisor_transport::mmio::reg;
 use hvisor_transport::ring::HypervisorSide;
 use support::hvisor::*;
-use virtio_guest_driver::{Buffer, DriverQueue, blk};
+use virtio_guest_driver::blk::{Payload, RequestBuffers};
+use virtio_guest_driver::{Buffer, DriverQueue, QueueLayout, blk};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
@@ -82,11 +84,10 @@ fn negotiate(mmio: &MmioGuest) -> TestResult {
     Ok(())
 }
 
-/// Ring addresses of a queue of `size` entries at `at`, laid out as `DriverQueue` does.
-fn ring_addresses(at: u64, size: u64) -> [u64; 3] {
-    let avail = (at + 16 * size).next_multiple_of(4096);
-    let used = (avail + 6 + 2 * size).next_multiple_of(4096);
-    [at, avail, used]
+/// Ring addresses of a queue of `size` entries at `at`, laid out as the driver lays them out.
+fn ring_addresses(at: u64, size: u16) -> [u64; 3] {
+    let layout = QueueLayout::new(size, GuestAddress(at));
+    [layout.desc.0, layout.avail.0, layout.used.0]
 }
 
 const RING_ADDRESS_REGISTERS: [u64; 3] = [
@@ -174,14 +175,13 @@ fn probe_initialization_and_blk_io() -> TestResult {
     assert_eq!(mmio.read(reg::QUEUE_NUM_MAX)?, 0, "blk has one queue");
     mmio.write(reg::QUEUE_SEL, 0)?;
     assert_eq!(mmio.read(reg::QUEUE_NUM_MAX)?, 512);
-    DriverQueue::clear(memory, 256, area(0))?;
     let queue = mmio.setup_queue(0, 256, area(0))?;
     assert_eq!(mmio.read(reg::QUEUE_NUM)?, 256);
-    for (low, address) in
-        RING_ADDRESS_REGISTERS
-            .into_iter()
-            .zip([queue.desc, queue.avail, queue.used])
-    {
+    for (low, address) in RING_ADDRESS_REGISTERS.into_iter().zip([
+        queue.layout.desc,
+        queue.layout.avail,
+        queue.layout.used,
+    ]) {
         assert_eq!(mmio.read(low)?, address.0 as u32);
         assert_eq!(mmio.read(low + 4)?, (address.0 >> 32) as u32);
     }
@@ -476,7 +476,7 @@ fn malformed_register_accesses_are_answered_and_harmless() -> TestResult {
 
 /// The used index of `queue`, as the driver reads it.
 fn used_index(memory: &vm_memory::GuestMemoryMmap, queue: &DriverQueue) -> TestResult<u16> {
-    Ok(memory.read_obj(queue.used.unchecked_add(2))?)
+    Ok(queue.device_used_idx(memory)?)
 }
 
 /// Waits long enough for a worker to have served a request it was kicked for, and checks that
@@ -508,7 +508,6 @@ fn queues_serve_nothing_before_driver_ok() -> TestResult {
 
     let mmio = rig.mmio(BLK, 0);
     negotiate(&mmio)?;
-    DriverQueue::clear(memory, 64, area(0))?;
     let queue = mmio.setup_queue(0, 64, area(0))?;
     let mut driver = PolledBlk::new(mmio, queue, memory);
     let head = driver.post(BLK_T_OUT, 0, Payload::Out(&data))?;
@@ -531,7 +530,6 @@ fn queues_serve_nothing_before_driver_ok() -> TestResult {
         .write_all_at(&[0; 4096], 0)?;
     let mmio = rig.mmio(BLK, 0);
     begin_initialization(&mmio)?;
-    DriverQueue::clear(memory, 64, area(1))?;
     let queue = mmio.setup_queue(0, 64, area(1))?;
     mmio.write(
         reg::STATUS,
@@ -696,9 +694,7 @@ fn a_descriptor_loop_is_returned_and_serving_goes_on() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));
     let memory = rig.memory(ZONE);
     let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(0), 64)?;
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, driver.buffers.header)?;
+    memory.write_slice(&blk::header(BLK_T_OUT, 0), driver.buffers.header)?;
     for length in [1, 2] {
         let buffers = vec![
             Buffer {
@@ -711,7 +707,7 @@ fn a_descriptor_loop_is_returned_and_serving_goes_on() -> TestResult {
         let head = driver.queue.add(memory, &buffers)?;
         // Close the chain into a loop. The chain is already published, but the device
         // reads it only once notified.
-        let descriptor = |index: u16| driver.queue.desc.unchecked_add(16 * u64::from(index));
+        let descriptor = |index: u16| driver.queue.layout.descriptor(index);
         let mut last = head;
         for _ in 1..length {
             last = memory.read_obj(descriptor(last).unchecked_add(14))?;
@@ -820,6 +816,17 @@ fn a_full_result_ring_delays_interrupts_but_not_register_answers() -> TestResult
     };
     assert!(interrupts[..32].iter().all(|&taken| taken == first_line));
     assert_eq!(interrupts[32], second_line);
+    let counted = rig.counters.snapshot(Reason::Signal);
+    assert_eq!(
+        counted.result_ring.full_waits, 1,
+        "{:?}",
+        counted.result_ring
+    );
+    assert!(
+        counted.result_ring.full_wait_us > 0,
+        "{:?}",
+        counted.result_ring
+    );
     first.acknowledge_interrupt()?;
     second.acknowledge_interrupt()?;
     write_and_verify(&mut first, &rig.images[0], 64, 9)?;
@@ -861,8 +868,11 @@ fn a_reset_between_requests_gives_a_fresh_device() -> TestResult {
     let data = pattern(20, 4096);
     assert_eq!(guest.write(200, &data)?, blk::S_OK);
     assert!(guest.read(200, 4096)? == (blk::S_OK, data.clone()));
-    let used_index: u16 = memory.read_obj(guest.queue.used.unchecked_add(2))?;
-    assert_eq!(used_index, 2, "the used index did not start again from 0");
+    assert_eq!(
+        used_index(memory, &guest.queue)?,
+        2,
+        "the used index did not start again from 0"
+    );
     assert!(image_bytes(&rig.images[0], 200, data.len()) == data);
 
     // And once more, back to the first driver's rings and features.
@@ -871,32 +881,15 @@ fn a_reset_between_requests_gives_a_fresh_device() -> TestResult {
     Ok(rig.stop()?)
 }
 
-/// A 32 KiB write of what lies at `at + 4096`, with its header at `at` and its status byte
-/// right after: one chain to publish many times over.
+/// A 32 KiB write (of zeroes) laid out from `at` as [`RequestBuffers`] does: one chain to
+/// publish many times over.
 fn slow_write_request(
     memory: &vm_memory::GuestMemoryMmap,
     at: GuestAddress,
-) -> TestResult<[Buffer; 3]> {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&BLK_T_OUT.to_le_bytes());
-    memory.write_slice(&header, at)?;
-    Ok([
-        Buffer {
-            addr: at,
-            len: 16,
-            device_writable: false,
-        },
-        Buffer {
-            addr: at.unchecked_add(4096),
-            len: 0x8000,
-            device_writable: false,
-        },
-        Buffer {
-            addr: at.unchecked_add(16),
-            len: 1,
-            device_writable: true,
-        },
-    ])
+) -> TestResult<Vec<Buffer>> {
+    const LEN: u32 = 0x8000;
+    let payload = vec![0; LEN as usize];
+    Ok(RequestBuffers::at(at, LEN).chain(memory, BLK_T_OUT, 0, Payload::Out(&payload))?)
 }
 
 /// Publishes `count` copies of `request` and resets the device once the first completed: the
@@ -945,7 +938,6 @@ fn initialize_after_reset(mmio: MmioGuest<'_>, at: GuestAddress) -> TestResult<P
     mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE)?;
     mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
     assert_ne!(offer_features(&mmio, NEGOTIATED)? & STATUS_FEATURES_OK, 0);
-    DriverQueue::clear(memory, 64, at)?;
     let queue = mmio.setup_queue(0, 64, at)?;
     mmio.driver_ok()?;
     Ok(PolledBlk::new(mmio, queue, memory))
@@ -1019,9 +1011,8 @@ fn a_broken_ring_sets_needs_reset_until_the_device_is_reset() -> TestResult {
     }
     assert_eq!(taken.len(), 2, "one interrupt per request");
 
-    let used: u16 = memory.read_obj(driver.queue.used.unchecked_add(2))?;
-    let broken = used.wrapping_add(64 + 8);
-    memory.write_obj(broken, driver.queue.avail.unchecked_add(2))?;
+    let broken = used_index(memory, &driver.queue)?.wrapping_add(64 + 8);
+    memory.write_obj(broken, driver.queue.layout.avail_idx())?;
     for _ in 0..5 {
         driver.mmio.notify(0)?;
     }
@@ -1046,6 +1037,10 @@ fn a_broken_ring_sets_needs_reset_until_the_device_is_reset() -> TestResult {
     let fault = format!("avail index {broken} is 72 entries ahead");
     assert_eq!(logged_count(&[&fault, "queue stopped"]), 1);
     assert_eq!(logged_count(&[&fault, "DEVICE_NEEDS_RESET set"]), 1);
+    let counted = &rig.counters.snapshot(Reason::Signal).devices[0];
+    assert_eq!(counted.ring_faults, 1, "{counted:?}");
+    assert_eq!(counted.config_signals, 1, "{counted:?}");
+    assert_eq!(counted.interrupts, 3, "{counted:?}");
 
     let mut driver = PolledBlk::start(rig.mmio(BLK, 0), area(1), 64)?;
     assert_eq!(driver.mmio.read(reg::STATUS)?, running);
@@ -1071,11 +1066,8 @@ fn a_broken_ring_with_a_full_result_ring_does_not_hold_up_a_reset() -> TestResul
     let mut driver = PolledBlk::start(rig.mmio(BLK, 1), area(0), 64)?;
     fill_the_result_ring(&rig, &mut driver)?;
     driver.acknowledge_interrupt()?;
-    let used: u16 = memory.read_obj(driver.queue.used.unchecked_add(2))?;
-    memory.write_obj(
-        used.wrapping_add(64 + 8),
-        driver.queue.avail.unchecked_add(2),
-    )?;
+    let used = used_index(memory, &driver.queue)?;
+    memory.write_obj(used.wrapping_add(64 + 8), driver.queue.layout.avail_idx())?;
     driver.mmio.notify(0)?;
     wait_until("DEVICE_NEEDS_RESET", || {
         Ok(driver.mmio.read(reg::STATUS)? & 0x40 != 0)

@@ -25,6 +25,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_guest_driver::blk;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_hvisor-vhost");
 const SECTOR_SIZE: u64 = 512;
@@ -133,13 +134,6 @@ fn byte_range(sector: u64, len: usize) -> std::ops::Range<usize> {
     start..start + len
 }
 
-fn header(request_type: u32, sector: u64) -> [u8; 16] {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&request_type.to_le_bytes());
-    header[8..].copy_from_slice(&sector.to_le_bytes());
-    header
-}
-
 /// One discard or write-zeroes range: (sector, sectors, flags).
 type RangeSegment = (u64, u32, u32);
 
@@ -178,7 +172,7 @@ fn write(driver: &mut VhostUserDriver, queue: usize, sector: u64, data: &[u8]) -
     let used = request(
         driver,
         queue,
-        &[&header(VIRTIO_BLK_T_OUT, sector), data],
+        &[&blk::header(VIRTIO_BLK_T_OUT, sector), data],
         &[1],
     );
     assert_eq!(used.len, 1, "a write reports only the status byte");
@@ -190,7 +184,7 @@ fn read(driver: &mut VhostUserDriver, queue: usize, sector: u64, len: u32) -> Ve
     let mut used = request(
         driver,
         queue,
-        &[&header(VIRTIO_BLK_T_IN, sector)],
+        &[&blk::header(VIRTIO_BLK_T_IN, sector)],
         &[len, 1],
     );
     assert_eq!(status(&used), OK, "read of sector {sector}");
@@ -202,7 +196,7 @@ fn flush(driver: &mut VhostUserDriver, queue: usize) -> u8 {
     status(&request(
         driver,
         queue,
-        &[&header(VIRTIO_BLK_T_FLUSH, 0)],
+        &[&blk::header(VIRTIO_BLK_T_FLUSH, 0)],
         &[1],
     ))
 }
@@ -361,7 +355,7 @@ fn ring_wrap_round(driver: &mut VhostUserDriver, image: &Path) -> Result<(), Str
     for _ in 0..REQUESTS {
         // Top the queue up and notify once, as a guest driver under load does.
         while next < REQUESTS && driver.in_flight(0).unwrap() < MAX_IN_FLIGHT {
-            let header = header(VIRTIO_BLK_T_OUT, next * sectors_per_request);
+            let header = blk::header(VIRTIO_BLK_T_OUT, next * sectors_per_request);
             driver
                 .enqueue(0, &[&header, &data(next)], &[1])
                 .map_err(|e| format!("enqueue write: {e}"))?;
@@ -381,7 +375,7 @@ fn ring_wrap_round(driver: &mut VhostUserDriver, image: &Path) -> Result<(), Str
     }
 
     for request in 0..REQUESTS {
-        let header = header(VIRTIO_BLK_T_IN, request * sectors_per_request);
+        let header = blk::header(VIRTIO_BLK_T_IN, request * sectors_per_request);
         driver
             .submit(0, &[&header], &[LEN as u32, 1])
             .map_err(|e| format!("submit read: {e}"))?;
@@ -473,7 +467,7 @@ fn readonly_refuses_writes_and_leaves_the_image_alone() {
         let used = request(
             &mut driver,
             0,
-            &[&header(request_type, 0), &range_segment(0, 8, 0)],
+            &[&blk::header(request_type, 0), &range_segment(0, 8, 0)],
             &[1],
         );
         assert_eq!(status(&used), IOERR, "request type {request_type}");
@@ -496,7 +490,12 @@ fn get_id_discard_and_write_zeroes() {
     };
     let mut driver = connect(&fixture.socket, &config);
 
-    let used = request(&mut driver, 0, &[&header(VIRTIO_BLK_T_GET_ID, 0)], &[20, 1]);
+    let used = request(
+        &mut driver,
+        0,
+        &[&blk::header(VIRTIO_BLK_T_GET_ID, 0)],
+        &[20, 1],
+    );
     assert_eq!(status(&used), OK);
     let mut id = SERIAL.as_bytes().to_vec();
     id.resize(20, 0);
@@ -517,7 +516,12 @@ fn get_id_discard_and_write_zeroes() {
             .iter()
             .flat_map(|&(sector, sectors, flags)| range_segment(sector, sectors, flags))
             .collect();
-        let used = request(&mut driver, 0, &[&header(request_type, 0), &ranges], &[1]);
+        let used = request(
+            &mut driver,
+            0,
+            &[&blk::header(request_type, 0), &ranges],
+            &[1],
+        );
         assert_eq!(status(&used), OK, "type {request_type} {segments:?}");
         for &(sector, sectors, _) in segments {
             expected[byte_range(sector, sectors as usize * SECTOR_SIZE as usize)].fill(0);
@@ -555,7 +559,7 @@ fn two_queues_serve_interleaved_io() {
     // Both queues hold requests at once; chunk n goes through queue n % 2.
     for chunk in 0..CHUNKS {
         let queue = (chunk % 2) as usize;
-        let header = header(VIRTIO_BLK_T_OUT, sector(chunk));
+        let header = blk::header(VIRTIO_BLK_T_OUT, sector(chunk));
         driver
             .enqueue(queue, &[&header, &data(chunk)], &[1])
             .unwrap();
@@ -786,10 +790,10 @@ impl KillBatch {
             for (queue, heads) in requests.iter_mut().enumerate() {
                 let chunk = (number * Self::QUEUES as u64 + queue as u64) * Self::PER_QUEUE + index;
                 let head = if chunk % 2 == 0 {
-                    let header = header(VIRTIO_BLK_T_OUT, Self::sector(chunk));
+                    let header = blk::header(VIRTIO_BLK_T_OUT, Self::sector(chunk));
                     driver.enqueue(queue, &[&header, &Self::data(chunk)], &[1])
                 } else {
-                    let header = header(VIRTIO_BLK_T_IN, Self::sector(chunk));
+                    let header = blk::header(VIRTIO_BLK_T_IN, Self::sector(chunk));
                     driver.enqueue(queue, &[&header], &[Self::LEN as u32, 1])
                 };
                 heads.insert(head.expect("enqueue"), chunk);

@@ -17,6 +17,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_guest_driver::blk;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_hvisor-vhost");
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,12 +94,6 @@ fn handshake_on(stream: UnixStream) -> Frontend {
     frontend
 }
 
-fn blk_header(request_type: u32) -> [u8; 16] {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&request_type.to_le_bytes());
-    header
-}
-
 /// Full set-up (memory table, rings) and a write read back.
 fn set_up_with_io(socket: &Path, num_queues: usize, round: usize) {
     let config = DriverConfig {
@@ -111,12 +106,12 @@ fn set_up_with_io(socket: &Path, num_queues: usize, round: usize) {
     let queue = round % num_queues;
     let data = [round as u8; 512];
     driver
-        .submit(queue, &[&blk_header(VIRTIO_BLK_T_OUT), &data], &[1])
+        .submit(queue, &[&blk::header(VIRTIO_BLK_T_OUT, 0), &data], &[1])
         .expect("submit write");
     let used = driver.wait_used(queue, TIMEOUT).expect("write completion");
     assert_eq!(used.writable[0], [VIRTIO_BLK_S_OK as u8]);
     driver
-        .submit(queue, &[&blk_header(VIRTIO_BLK_T_IN)], &[512, 1])
+        .submit(queue, &[&blk::header(VIRTIO_BLK_T_IN, 0)], &[512, 1])
         .expect("submit read");
     let used = driver.wait_used(queue, TIMEOUT).expect("read completion");
     assert_eq!(used.writable[0], data);

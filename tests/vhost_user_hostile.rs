@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::daemon::Daemon;
-use support::frontend::{DriverConfig, GuestBuffer, VhostUserDriver};
+use support::frontend::{Buffer, DriverConfig, VhostUserDriver};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -22,6 +22,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_guest_driver::blk;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -74,22 +75,16 @@ impl Fixture {
             VhostUserDriver::connect(&self.socket, &DriverConfig::default()).expect("set-up");
         let data = [0x6b; 512];
         driver
-            .submit(0, &[&blk_header(VIRTIO_BLK_T_OUT), &data], &[1])
+            .submit(0, &[&blk::header(VIRTIO_BLK_T_OUT, 0), &data], &[1])
             .expect("submit write");
         let used = driver.wait_used(0, TIMEOUT).expect("write completion");
         assert_eq!(used.writable[0], [VIRTIO_BLK_S_OK as u8]);
         driver
-            .submit(0, &[&blk_header(VIRTIO_BLK_T_IN)], &[512, 1])
+            .submit(0, &[&blk::header(VIRTIO_BLK_T_IN, 0)], &[512, 1])
             .expect("submit read");
         let used = driver.wait_used(0, TIMEOUT).expect("read completion");
         assert_eq!(used.writable[0], data);
     }
-}
-
-fn blk_header(request_type: u32) -> [u8; 16] {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&request_type.to_le_bytes());
-    header
 }
 
 /// The protocol features the tests ack (with REPLY_ACK if asked for).
@@ -377,7 +372,7 @@ fn a_memory_file_shrunk_under_the_device_is_survived() {
     // The header lives in the upper half, which the test never touches after this.
     let header_address = GuestAddress(config.mem_base + (768 << 10));
     driver
-        .write_memory(header_address, &blk_header(VIRTIO_BLK_T_IN))
+        .write_memory(header_address, &blk::header(VIRTIO_BLK_T_IN, 0))
         .expect("write the header");
     memory_file.set_len(512 << 10).expect("shrink guest RAM");
     let data = driver.alloc(512).expect("data buffer");
@@ -386,17 +381,17 @@ fn a_memory_file_shrunk_under_the_device_is_survived() {
         .enqueue_raw(
             0,
             &[
-                GuestBuffer {
+                Buffer {
                     addr: header_address,
                     len: 16,
                     device_writable: false,
                 },
-                GuestBuffer {
+                Buffer {
                     addr: data,
                     len: 512,
                     device_writable: true,
                 },
-                GuestBuffer {
+                Buffer {
                     addr: status,
                     len: 1,
                     device_writable: true,

@@ -5,7 +5,9 @@
 //! reduced to one memfd-backed RAM region owned by the test process. The
 //! driver lays out split virtqueues in that RAM, builds descriptor chains,
 //! kicks, and reads completions back, so a test can assert on exactly what a
-//! guest would see.
+//! guest would see. The rings are `virtio_guest_driver`'s [`DriverQueue`], as
+//! the hvisor simulator's guest has them; what is vhost-user's (negotiation,
+//! memory table, eventfds) and the allocator of buffers in guest RAM are here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -14,7 +16,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,24 +27,15 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-};
-use virtio_queue::desc::split::Descriptor;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+pub use virtio_guest_driver::Buffer;
+use virtio_guest_driver::{DESC_SIZE, DriverQueue, QueueLayout};
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-/// Size of one split-ring descriptor.
-const DESC_SIZE: u64 = 16;
-/// Size of one used-ring element (`id: u32, len: u32`).
-const USED_ELEM_SIZE: u64 = 8;
-/// Rings are page aligned although virtio only needs 16/2/4-byte alignment:
-/// it keeps every ring on its own page, which makes hex dumps readable.
-const RING_ALIGN: u64 = 4096;
 /// Alignment of allocated buffers: enough for any header a device reads as a
 /// struct, and it keeps neighbouring buffers from sharing bytes.
 const BUFFER_ALIGN: u64 = 16;
@@ -117,26 +110,18 @@ pub enum DriverError {
     },
     #[error("guest memory access failed: {0}")]
     Memory(#[from] GuestMemoryError),
+    #[error(transparent)]
+    Queue(#[from] virtio_guest_driver::DriverError),
     #[error("backend does not offer {0}")]
     NotOffered(&'static str),
     #[error("backend has {available} queues, {wanted} were asked for")]
     TooFewQueues { available: u64, wanted: usize },
     #[error("queue {0} does not exist")]
     NoSuchQueue(usize),
-    #[error("a descriptor chain needs at least one buffer")]
-    EmptyChain,
-    #[error("queue {queue}: {needed} descriptors needed, {free} free")]
-    OutOfDescriptors {
-        queue: usize,
-        needed: usize,
-        free: usize,
-    },
     #[error("guest RAM has no free block of {0} bytes")]
     OutOfGuestMemory(u64),
     #[error("{0:#x} is not the start of an allocation")]
     NotAllocated(u64),
-    #[error("queue {queue}: backend used head {head}, which was not in flight")]
-    UnknownHead { queue: usize, head: u32 },
     #[error("queue {queue}: device used a buffer but sent no interrupt")]
     MissedInterrupt { queue: usize },
     #[error("queue {queue}: nothing used within {timeout:?}")]
@@ -151,16 +136,6 @@ fn vhost_err(request: &'static str) -> impl FnOnce(vhost::Error) -> DriverError 
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> DriverError {
     move |source| DriverError::Io { what, source }
-}
-
-/// One buffer of a descriptor chain, in guest-physical terms. Used with
-/// [`VhostUserDriver::enqueue_raw`] when a test needs control over addresses
-/// (for example to point a descriptor outside guest RAM).
-#[derive(Clone, Copy, Debug)]
-pub struct GuestBuffer {
-    pub addr: GuestAddress,
-    pub len: u32,
-    pub device_writable: bool,
 }
 
 /// A completed chain, as read from the used ring.
@@ -241,31 +216,22 @@ impl GuestAllocator {
     }
 }
 
-/// A chain the device owns until it shows up in the used ring.
-#[derive(Debug)]
-struct InFlight {
-    /// Descriptor-table entries to return to the free list.
-    descs: Vec<u16>,
-    /// Guest RAM the driver allocated for this chain (buffers, indirect table).
+/// Guest RAM the driver allocated for a chain the device owns, until it shows up in the used
+/// ring.
+#[derive(Debug, Default)]
+struct ChainMemory {
+    /// Buffers and indirect table, to free.
     allocations: Vec<GuestAddress>,
     /// Device-writable buffers to copy out on completion.
     writable: Vec<(GuestAddress, u32)>,
 }
 
-/// Driver-side state of one split virtqueue.
+/// One virtqueue: its rings, the guest RAM of the chains in flight, and its eventfds.
 struct Virtqueue {
-    size: u16,
-    desc_table: GuestAddress,
-    avail_ring: GuestAddress,
-    used_ring: GuestAddress,
-    free_descs: Vec<u16>,
-    /// Shadow of `avail->idx`: the next avail slot the driver fills.
-    avail_idx: u16,
-    /// `avail->idx` at the last notification decision (EVENT_IDX's "old").
-    notified_avail_idx: u16,
-    /// Next used-ring slot the driver will read.
-    last_used_idx: u16,
-    in_flight: HashMap<u16, InFlight>,
+    ring: DriverQueue,
+    /// The guest RAM of each chain in flight, by head (none for chains built with
+    /// [`VhostUserDriver::enqueue_raw`]).
+    chains: HashMap<u16, ChainMemory>,
     kick: EventFd,
     call: EventFd,
     /// Waits on `call` with a timeout.
@@ -273,45 +239,9 @@ struct Virtqueue {
     stats: QueueStats,
 }
 
-impl Virtqueue {
-    fn avail_idx_addr(&self) -> GuestAddress {
-        self.avail_ring.unchecked_add(2)
-    }
-    fn avail_slot_addr(&self, idx: u16) -> GuestAddress {
-        self.avail_ring
-            .unchecked_add(4 + 2 * u64::from(idx % self.size))
-    }
-    /// `used_event`, which the driver writes, sits after the avail ring.
-    fn used_event_addr(&self) -> GuestAddress {
-        self.avail_ring.unchecked_add(4 + 2 * u64::from(self.size))
-    }
-    fn used_flags_addr(&self) -> GuestAddress {
-        self.used_ring
-    }
-    fn used_idx_addr(&self) -> GuestAddress {
-        self.used_ring.unchecked_add(2)
-    }
-    fn used_elem_addr(&self, idx: u16) -> GuestAddress {
-        self.used_ring
-            .unchecked_add(4 + USED_ELEM_SIZE * u64::from(idx % self.size))
-    }
-    /// `avail_event`, which the device writes, sits after the used ring.
-    fn avail_event_addr(&self) -> GuestAddress {
-        self.used_ring
-            .unchecked_add(4 + USED_ELEM_SIZE * u64::from(self.size))
-    }
-}
-
-/// Bytes each ring of a `size`-entry split queue needs: (desc, avail, used).
-fn ring_sizes(size: u16) -> (u64, u64, u64) {
-    let n = u64::from(size);
-    (DESC_SIZE * n, 6 + 2 * n, 6 + USED_ELEM_SIZE * n)
-}
-
-/// The virtio "should I notify?" test for EVENT_IDX (`vring_need_event`):
-/// true if `event` lies in the window of indices published since `old`.
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+/// Queue `queue` of `queues`.
+fn queue_mut(queues: &mut [Virtqueue], queue: usize) -> Result<&mut Virtqueue> {
+    queues.get_mut(queue).ok_or(DriverError::NoSuchQueue(queue))
 }
 
 fn memfd(name: &str, len: u64) -> Result<File> {
@@ -479,10 +409,7 @@ impl VhostUserDriver {
         let mem = Self::create_guest_ram(config)?;
         Self::set_mem_table(&mut frontend, &mem)?;
 
-        let (desc_len, avail_len, used_len) = ring_sizes(config.queue_size);
-        let rings_len = desc_len.next_multiple_of(RING_ALIGN)
-            + avail_len.next_multiple_of(RING_ALIGN)
-            + used_len.next_multiple_of(RING_ALIGN);
+        let rings_len = QueueLayout::footprint(config.queue_size);
         let data_start = config.mem_base + rings_len * config.num_queues as u64;
         assert!(
             data_start < config.mem_base + config.mem_size,
@@ -505,10 +432,8 @@ impl VhostUserDriver {
             inflight,
         };
         for index in 0..config.num_queues {
-            let desc_table = GuestAddress(config.mem_base + rings_len * index as u64);
-            let avail_ring = desc_table.unchecked_add(desc_len.next_multiple_of(RING_ALIGN));
-            let used_ring = avail_ring.unchecked_add(avail_len.next_multiple_of(RING_ALIGN));
-            driver.setup_queue(index, config.queue_size, desc_table, avail_ring, used_ring)?;
+            let at = GuestAddress(config.mem_base + rings_len * index as u64);
+            driver.setup_queue(index, QueueLayout::new(config.queue_size, at))?;
         }
         Ok(driver)
     }
@@ -589,26 +514,11 @@ impl VhostUserDriver {
         Ok((kick, call, call_epoll))
     }
 
-    fn setup_queue(
-        &mut self,
-        index: usize,
-        size: u16,
-        desc_table: GuestAddress,
-        avail_ring: GuestAddress,
-        used_ring: GuestAddress,
-    ) -> Result<()> {
+    fn setup_queue(&mut self, index: usize, layout: QueueLayout) -> Result<()> {
         let (kick, call, call_epoll) = Self::ring_eventfds()?;
         self.queues.push(Virtqueue {
-            size,
-            desc_table,
-            avail_ring,
-            used_ring,
-            // Popped from the back, so heads are handed out 0, 1, 2, ...
-            free_descs: (0..size).rev().collect(),
-            avail_idx: 0,
-            notified_avail_idx: 0,
-            last_used_idx: 0,
-            in_flight: HashMap::new(),
+            ring: DriverQueue::new(index as u32, layout),
+            chains: HashMap::new(),
             kick,
             call,
             call_epoll,
@@ -620,17 +530,18 @@ impl VhostUserDriver {
     /// Hands queue `index` to the backend, reading the available ring from `base` on.
     fn configure_ring(&mut self, index: usize, base: u16) -> Result<()> {
         let q = &self.queues[index];
+        let layout = q.ring.layout;
         let ring_config = VringConfigData {
-            queue_max_size: q.size,
-            queue_size: q.size,
+            queue_max_size: layout.size,
+            queue_size: layout.size,
             flags: 0,
-            desc_table_addr: self.frontend_addr(q.desc_table)?,
-            used_ring_addr: self.frontend_addr(q.used_ring)?,
-            avail_ring_addr: self.frontend_addr(q.avail_ring)?,
+            desc_table_addr: self.frontend_addr(layout.desc)?,
+            used_ring_addr: self.frontend_addr(layout.used)?,
+            avail_ring_addr: self.frontend_addr(layout.avail)?,
             log_addr: None,
         };
         self.frontend
-            .set_vring_num(index, q.size)
+            .set_vring_num(index, layout.size)
             .map_err(vhost_err("SET_VRING_NUM"))?;
         self.frontend
             .set_vring_base(index, base)
@@ -734,12 +645,6 @@ impl VhostUserDriver {
             .ok_or(DriverError::NoSuchQueue(queue))
     }
 
-    fn queue_mut(&mut self, queue: usize) -> Result<&mut Virtqueue> {
-        self.queues
-            .get_mut(queue)
-            .ok_or(DriverError::NoSuchQueue(queue))
-    }
-
     /// Kick and call counters of `queue` since connecting.
     pub fn stats(&self, queue: usize) -> Result<QueueStats> {
         Ok(self.queue(queue)?.stats)
@@ -747,7 +652,7 @@ impl VhostUserDriver {
 
     /// Chains handed to the device and not yet seen in the used ring.
     pub fn in_flight(&self, queue: usize) -> Result<usize> {
-        Ok(self.queue(queue)?.in_flight.len())
+        Ok(self.queue(queue)?.ring.in_flight())
     }
 
     /// [`Self::enqueue`] then [`Self::notify`]: one request, as a guest
@@ -775,21 +680,25 @@ impl VhostUserDriver {
         for buffer in buffers.iter().filter(|b| b.device_writable) {
             readback.push((buffer.addr, buffer.len));
         }
-        self.publish(queue, &buffers, allocations, readback)
+        let memory = ChainMemory {
+            allocations,
+            writable: readback,
+        };
+        self.publish(queue, &buffers, memory)
     }
 
     fn fill_buffers(
         &mut self,
         readable: &[&[u8]],
         writable: &[u32],
-        buffers: &mut Vec<GuestBuffer>,
+        buffers: &mut Vec<Buffer>,
         allocations: &mut Vec<GuestAddress>,
     ) -> Result<()> {
         for data in readable {
             let addr = self.allocator.alloc(data.len() as u64)?;
             allocations.push(addr);
             self.mem.write_slice(data, addr)?;
-            buffers.push(GuestBuffer {
+            buffers.push(Buffer {
                 addr,
                 len: u32::try_from(data.len()).expect("buffer fits a descriptor"),
                 device_writable: false,
@@ -800,7 +709,7 @@ impl VhostUserDriver {
             allocations.push(addr);
             self.mem
                 .write_slice(&vec![POISON_BYTE; len as usize], addr)?;
-            buffers.push(GuestBuffer {
+            buffers.push(Buffer {
                 addr,
                 len,
                 device_writable: true,
@@ -811,8 +720,8 @@ impl VhostUserDriver {
 
     /// Publishes a chain of caller-owned buffers, unchecked: order, addresses
     /// and lengths go to the device as given. Does not notify.
-    pub fn enqueue_raw(&mut self, queue: usize, buffers: &[GuestBuffer]) -> Result<u16> {
-        self.publish(queue, buffers, Vec::new(), Vec::new())
+    pub fn enqueue_raw(&mut self, queue: usize, buffers: &[Buffer]) -> Result<u16> {
+        self.publish(queue, buffers, ChainMemory::default())
     }
 
     fn release(&mut self, allocations: &[GuestAddress]) {
@@ -823,147 +732,44 @@ impl VhostUserDriver {
         }
     }
 
+    /// Puts `buffers` in the avail ring of `queue`, directly or (with indirect descriptors)
+    /// through a table allocated here; `memory` is the chain's until it is used. On failure
+    /// `memory` is freed.
     fn publish(
         &mut self,
         queue: usize,
-        buffers: &[GuestBuffer],
-        mut allocations: Vec<GuestAddress>,
-        writable: Vec<(GuestAddress, u32)>,
+        buffers: &[Buffer],
+        mut memory: ChainMemory,
     ) -> Result<u16> {
-        if buffers.is_empty() {
-            self.release(&allocations);
-            return Err(DriverError::EmptyChain);
-        }
-        let needed = if self.indirect { 1 } else { buffers.len() };
-        let free = self.queue(queue)?.free_descs.len();
-        if free < needed {
-            self.release(&allocations);
-            return Err(DriverError::OutOfDescriptors {
-                queue,
-                needed,
-                free,
-            });
-        }
-
-        let descs: Vec<u16> = {
-            let q = self.queue_mut(queue)?;
-            let split_at = q.free_descs.len() - needed;
-            q.free_descs.drain(split_at..).rev().collect()
-        };
-        let head = descs[0];
-        let written = if self.indirect {
-            self.write_indirect_chain(queue, head, buffers)
-                .map(|table| allocations.push(table))
+        let ring = &mut queue_mut(&mut self.queues, queue)?.ring;
+        let published = if self.indirect {
+            self.allocator
+                .alloc(DESC_SIZE * buffers.len() as u64)
+                .and_then(|table| {
+                    memory.allocations.push(table);
+                    Ok(ring.add_indirect(&self.mem, table, buffers)?)
+                })
         } else {
-            self.write_chain(queue, &descs, buffers)
+            ring.add(&self.mem, buffers).map_err(DriverError::from)
         };
-        if let Err(e) = written {
-            self.queue_mut(queue)?.free_descs.extend(descs);
-            self.release(&allocations);
-            return Err(e);
-        }
-
-        let q = &mut self.queues[queue];
-        self.mem
-            .write_obj(head.to_le(), q.avail_slot_addr(q.avail_idx))?;
-        q.avail_idx = q.avail_idx.wrapping_add(1);
-        // Release: the device must see the descriptors and the ring slot
-        // before it sees the new index.
-        self.mem
-            .store(q.avail_idx.to_le(), q.avail_idx_addr(), Ordering::Release)?;
-        q.in_flight.insert(
-            head,
-            InFlight {
-                descs,
-                allocations,
-                writable,
-            },
-        );
-        Ok(head)
-    }
-
-    /// Writes `buffers` into the descriptor-table entries `descs`, linked
-    /// in order.
-    fn write_chain(&self, queue: usize, descs: &[u16], buffers: &[GuestBuffer]) -> Result<()> {
-        let q = &self.queues[queue];
-        for (i, buffer) in buffers.iter().enumerate() {
-            let next = descs.get(i + 1).copied();
-            let desc = Self::descriptor(buffer, next);
-            let addr = q.desc_table.unchecked_add(DESC_SIZE * u64::from(descs[i]));
-            self.mem.write_obj(desc, addr)?;
-        }
-        Ok(())
-    }
-
-    /// Writes `buffers` into a freshly allocated indirect table and points
-    /// descriptor `head` at it. Returns the table's address.
-    fn write_indirect_chain(
-        &mut self,
-        queue: usize,
-        head: u16,
-        buffers: &[GuestBuffer],
-    ) -> Result<GuestAddress> {
-        let table_len = DESC_SIZE * buffers.len() as u64;
-        let table = self.allocator.alloc(table_len)?;
-        let write_all = || -> Result<()> {
-            for (i, buffer) in buffers.iter().enumerate() {
-                // Indirect tables are indexed from their own start.
-                let next = (i + 1 < buffers.len()).then_some(i as u16 + 1);
-                self.mem.write_obj(
-                    Self::descriptor(buffer, next),
-                    table.unchecked_add(DESC_SIZE * i as u64),
-                )?;
+        match published {
+            Ok(head) => {
+                self.queues[queue].chains.insert(head, memory);
+                Ok(head)
             }
-            let head_desc = Descriptor::new(
-                table.0,
-                u32::try_from(table_len).expect("indirect table fits a descriptor"),
-                VRING_DESC_F_INDIRECT as u16,
-                0,
-            );
-            let head_addr = self.queues[queue]
-                .desc_table
-                .unchecked_add(DESC_SIZE * u64::from(head));
-            self.mem.write_obj(head_desc, head_addr)?;
-            Ok(())
-        };
-        match write_all() {
-            Ok(()) => Ok(table),
             Err(e) => {
-                self.release(&[table]);
+                self.release(&memory.allocations);
                 Err(e)
             }
         }
-    }
-
-    fn descriptor(buffer: &GuestBuffer, next: Option<u16>) -> Descriptor {
-        let mut flags = 0;
-        if buffer.device_writable {
-            flags |= VRING_DESC_F_WRITE as u16;
-        }
-        if next.is_some() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        Descriptor::new(buffer.addr.0, buffer.len, flags, next.unwrap_or(0))
     }
 
     /// Kicks the device about everything enqueued since the last call,
     /// unless it asked not to be notified (`avail_event` with EVENT_IDX,
     /// `VRING_USED_F_NO_NOTIFY` without). Returns whether it kicked.
     pub fn notify(&mut self, queue: usize) -> Result<bool> {
-        self.queue(queue)?;
-        let q = &mut self.queues[queue];
-        let (old, new) = (q.notified_avail_idx, q.avail_idx);
-        q.notified_avail_idx = new;
-        // The index store must be visible before the device's suppression
-        // state is read, or both sides can decide the other will act.
-        fence(Ordering::SeqCst);
-        let needed = if self.event_idx {
-            let avail_event = u16::from_le(self.mem.load(q.avail_event_addr(), Ordering::Acquire)?);
-            need_event(avail_event, new, old)
-        } else {
-            let flags = u16::from_le(self.mem.load(q.used_flags_addr(), Ordering::Acquire)?);
-            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
-        };
+        let ring = &mut queue_mut(&mut self.queues, queue)?.ring;
+        let needed = ring.needs_notification(&self.mem, self.event_idx)?;
         if needed {
             self.kick(queue)?;
         } else {
@@ -975,16 +781,16 @@ impl VhostUserDriver {
     /// Moves `avail->idx` of `queue` `ahead` entries past what the driver published, without
     /// publishing anything: a broken or hostile driver.
     pub fn break_avail_idx(&mut self, queue: usize, ahead: u16) -> Result<()> {
-        let q = self.queue(queue)?;
-        let idx = q.avail_idx.wrapping_add(ahead);
+        let ring = &self.queue(queue)?.ring;
+        let idx = ring.avail_idx().wrapping_add(ahead);
         self.mem
-            .store(idx.to_le(), q.avail_idx_addr(), Ordering::Release)?;
+            .store(idx.to_le(), ring.layout.avail_idx(), Ordering::Release)?;
         Ok(())
     }
 
     /// Kicks the device unconditionally.
     pub fn kick(&mut self, queue: usize) -> Result<()> {
-        let q = self.queue_mut(queue)?;
+        let q = queue_mut(&mut self.queues, queue)?;
         q.kick.write(1).map_err(io_err("writing kick eventfd"))?;
         q.stats.kicks += 1;
         Ok(())
@@ -992,38 +798,19 @@ impl VhostUserDriver {
 
     /// The used index the device has published, taken by the driver or not.
     pub fn device_used_idx(&self, queue: usize) -> Result<u16> {
-        let q = self.queue(queue)?;
-        Ok(u16::from_le(
-            self.mem.load(q.used_idx_addr(), Ordering::Acquire)?,
-        ))
-    }
-
-    /// Whether the device has published a used element not yet taken.
-    fn used_pending(&self, queue: usize) -> Result<bool> {
-        let q = self.queue(queue)?;
-        // Acquire: the used element and written buffers are read after this.
-        let used_idx = u16::from_le(self.mem.load(q.used_idx_addr(), Ordering::Acquire)?);
-        Ok(used_idx != q.last_used_idx)
+        Ok(self.queue(queue)?.ring.device_used_idx(&self.mem)?)
     }
 
     /// Takes the next used element, if the device has published one.
     pub fn poll_used(&mut self, queue: usize) -> Result<Option<UsedBuffer>> {
-        if !self.used_pending(queue)? {
+        let q = queue_mut(&mut self.queues, queue)?;
+        let Some((head, len)) = q.ring.take_used(&self.mem)? else {
             return Ok(None);
-        }
-        let q = &self.queues[queue];
-        let elem = q.used_elem_addr(q.last_used_idx);
-        let head = u32::from_le(self.mem.read_obj(elem)?);
-        let len = u32::from_le(self.mem.read_obj(elem.unchecked_add(4))?);
-
-        let q = &mut self.queues[queue];
-        q.last_used_idx = q.last_used_idx.wrapping_add(1);
-        let chain = u16::try_from(head)
-            .ok()
-            .and_then(|h| q.in_flight.remove(&h))
-            .ok_or(DriverError::UnknownHead { queue, head })?;
-        q.free_descs.extend(&chain.descs);
-
+        };
+        let chain = q
+            .chains
+            .remove(&head)
+            .expect("every chain in flight has its memory");
         let writable = chain
             .writable
             .iter()
@@ -1031,7 +818,7 @@ impl VhostUserDriver {
             .collect::<Result<Vec<_>>>()?;
         self.release(&chain.allocations);
         Ok(Some(UsedBuffer {
-            head: head as u16,
+            head,
             len,
             writable,
         }))
@@ -1050,20 +837,14 @@ impl VhostUserDriver {
                 // Ask for an interrupt as soon as the next element is used,
                 // then look again: the device may have used it before it
                 // could see the request.
-                let q = &self.queues[queue];
-                self.mem.store(
-                    q.last_used_idx.to_le(),
-                    q.used_event_addr(),
-                    Ordering::Release,
-                )?;
-                fence(Ordering::SeqCst);
+                self.queues[queue].ring.request_interrupt(&self.mem)?;
                 if let Some(used) = self.poll_used(queue)? {
                     return Ok(used);
                 }
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() || !self.wait_call(queue, remaining)? {
-                return Err(if self.used_pending(queue)? {
+                return Err(if self.queues[queue].ring.used_pending(&self.mem)? {
                     DriverError::MissedInterrupt { queue }
                 } else {
                     DriverError::Timeout { queue, timeout }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use hvisor_sim::guest::MmioGuest;
 use hvisor_sim::{SimOptions, Simulator};
 use hvisor_transport::config::VirtioConfig;
+use hvisor_transport::counters::Counters;
 use hvisor_transport::handoff::{self, DaemonReply};
 use hvisor_transport::mmio::reg;
 use hvisor_transport::port::SocketPort;
@@ -27,8 +28,8 @@ use hvisor_transport::server::{Server, ServerError};
 use hvisor_vhost::registry;
 use hvisor_vhost_core::stop::StopSignal;
 use virtio_guest_driver::DriverQueue;
-use virtio_guest_driver::blk::RequestBuffers;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_guest_driver::blk::{Payload, RequestBuffers};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -44,16 +45,18 @@ pub const SECTOR: u64 = 512;
 /// Stride of the guest RAM areas handed to drivers (rings, then buffers).
 pub const AREA_SIZE: u64 = 0x4_0000;
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_BLK_F_FLUSH: u64 = virtio_guest_driver::blk::F_FLUSH;
-pub const BLK_T_IN: u32 = virtio_guest_driver::blk::T_IN;
-pub const BLK_T_OUT: u32 = virtio_guest_driver::blk::T_OUT;
-pub const BLK_S_OK: u8 = virtio_guest_driver::blk::S_OK;
-pub const STATUS_UNWRITTEN: u8 = virtio_guest_driver::blk::STATUS_UNWRITTEN;
+// The driver's constants under the names the tests use; like the rest of this module, not
+// every test binary uses each (see mod.rs).
+#[allow(unused_imports)]
+pub use virtio_guest_driver::blk::{
+    F_FLUSH as VIRTIO_BLK_F_FLUSH, S_OK as BLK_S_OK, STATUS_UNWRITTEN, T_IN as BLK_T_IN,
+    T_OUT as BLK_T_OUT,
+};
+#[allow(unused_imports)]
+pub use virtio_guest_driver::{
+    F_VERSION_1 as VIRTIO_F_VERSION_1, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+};
 
 /// The `n`th driver area of a zone's RAM.
 pub fn area(n: u64) -> GuestAddress {
@@ -161,6 +164,8 @@ pub struct Rig {
     pub sim: Arc<Simulator>,
     /// Image of each device of [`RigOptions::devices`], in the same order.
     pub images: Vec<PathBuf>,
+    /// The daemon's counters.
+    pub counters: Arc<Counters>,
     stop: Arc<StopSignal>,
     server: Option<JoinHandle<Result<(), ServerError>>>,
     gate: Option<(Arc<ResultGate>, JoinHandle<io::Result<()>>)>,
@@ -212,6 +217,7 @@ impl Rig {
         let server =
             Server::new(&config, devices, Arc::new(port), options.poll).expect("daemon start");
         let stop = StopSignal::new().expect("stop signal");
+        let counters = server.counters().clone();
         let server = {
             let stop = stop.clone();
             thread::Builder::new()
@@ -230,6 +236,7 @@ impl Rig {
         Rig {
             sim,
             images,
+            counters,
             stop,
             server: Some(server),
             gate,
@@ -447,15 +454,6 @@ fn spawn_gate(
     (receiver, relay)
 }
 
-/// The data of a blk request.
-pub enum Payload<'d> {
-    None,
-    /// Written to the device.
-    Out(&'d [u8]),
-    /// Read from the device, this many bytes.
-    In(u32),
-}
-
 /// A virtio-blk driver with one queue that polls its used ring rather than waiting for the
 /// simulator's interrupts, which are one queue for all devices: drivers running at once would
 /// take each other's. It still takes every interrupt its device raises: after each request it
@@ -476,11 +474,10 @@ impl<'a> PolledBlk<'a> {
     pub fn start(mmio: MmioGuest<'a>, at: GuestAddress, queue_size: u16) -> TestResult<Self> {
         let memory = mmio.sim.memory(mmio.zone).ok_or("zone without RAM")?;
         let device = mmio.probe()?;
-        if device != 2 {
+        if device != virtio_guest_driver::blk::DEVICE_ID {
             return Err(format!("device id {device} is not blk").into());
         }
         mmio.initialize(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH)?;
-        DriverQueue::clear(memory, queue_size, at)?;
         let queue = mmio.setup_queue(0, queue_size, at)?;
         mmio.driver_ok()?;
         Ok(PolledBlk::new(mmio, queue, memory))
@@ -488,10 +485,7 @@ impl<'a> PolledBlk<'a> {
 
     /// A driver for a device already set up with `queue`; buffers follow the rings.
     pub fn new(mmio: MmioGuest<'a>, queue: DriverQueue, memory: &'a GuestMemoryMmap) -> Self {
-        let buffers = RequestBuffers::at(
-            queue.desc.unchecked_add(DriverQueue::footprint(queue.size)),
-            Self::DATA_LEN,
-        );
+        let buffers = RequestBuffers::at(queue.layout.end(), Self::DATA_LEN);
         PolledBlk {
             mmio,
             queue,
@@ -502,17 +496,9 @@ impl<'a> PolledBlk<'a> {
 
     /// Publishes a request and notifies the device; returns the chain's head.
     pub fn post(&mut self, request_type: u32, sector: u64, payload: Payload) -> TestResult<u16> {
-        let data = match payload {
-            Payload::None => None,
-            Payload::Out(bytes) => {
-                self.memory.write_slice(bytes, self.buffers.data)?;
-                Some((bytes.len() as u32, false))
-            }
-            Payload::In(len) => Some((len, true)),
-        };
         let chain = self
             .buffers
-            .chain(self.memory, request_type, sector, data)?;
+            .chain(self.memory, request_type, sector, payload)?;
         let head = self.queue.add(self.memory, &chain)?;
         self.mmio.notify(0)?;
         Ok(head)
@@ -559,9 +545,7 @@ impl<'a> PolledBlk<'a> {
     pub fn read(&mut self, sector: u64, len: u32) -> TestResult<(u8, Vec<u8>)> {
         let head = self.post(BLK_T_IN, sector, Payload::In(len))?;
         let (status, _) = self.complete(head)?;
-        let mut data = vec![0u8; len as usize];
-        self.memory.read_slice(&mut data, self.buffers.data)?;
-        Ok((status, data))
+        Ok((status, self.buffers.data(self.memory, len)?))
     }
 }
 

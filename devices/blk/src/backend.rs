@@ -26,6 +26,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, Resubmission};
 use hvisor_vhost_core::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
@@ -397,6 +398,10 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
 
     fn set_fault_handler(&self, handler: FaultHandler) {
         self.rings.set_fault_handler(handler);
+    }
+
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.rings.count_chains(counters)
     }
 }
 

@@ -9,7 +9,7 @@ use hvisor_vhost_core::VirtioDevice;
 use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
 use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
-    returns_within, set_avail_idx, writable,
+    rebased, returns_within, set_avail_idx, writable,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
@@ -839,19 +839,7 @@ fn unanswerable_chains_are_dropped_without_writing() {
         rig.header(VIRTIO_BLK_T_IN, 0);
         // Descriptor indices inside each case are relative; rebase the NEXT links.
         let base = rig.next_index(0, descriptors.len());
-        let rebased: Vec<RawDescriptor> = descriptors
-            .iter()
-            .map(|d| {
-                let d = SplitDescriptor::from(*d);
-                RawDescriptor::from(SplitDescriptor::new(
-                    d.addr().0,
-                    d.len(),
-                    d.flags(),
-                    d.next() + base,
-                ))
-            })
-            .collect();
-        let head = rig.publish(0, &rebased);
+        let head = rig.publish(0, &rebased(&descriptors, base));
         let position = rig.used_idx(0);
         rig.kick(0);
         assert_eq!(rig.used_idx(0), position + 1, "{name}: not returned");

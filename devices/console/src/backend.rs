@@ -21,6 +21,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::chain::{Direction, Segment, collect_segments, read_stream, write_stream};
 use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::log_limit::LogLimiter;
 use hvisor_vhost_core::queue::{
@@ -581,6 +582,10 @@ impl VirtioDevice for ConsoleBackend {
 
     fn set_fault_handler(&self, handler: FaultHandler) {
         self.console().rings.set_fault_handler(handler);
+    }
+
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.console().rings.count_chains(counters)
     }
 
     fn attach_event_registry(

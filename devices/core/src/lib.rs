@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
 
+use crate::counters::QueueCounters;
 use crate::inflight::InflightRegion;
 use crate::queue::FaultHandler;
 
@@ -53,6 +54,11 @@ pub trait VirtioDevice {
     /// [`queue::Rings`]); the transport decides what the driver is told. Installed before the
     /// driver can kick a queue; a later call replaces the handler.
     fn set_fault_handler(&self, handler: FaultHandler);
+
+    /// Counts the chains each queue takes and returns, and its ring faults, on `counters`
+    /// (indexed by queue), for a transport that reports them. Once per device, before the
+    /// driver can kick a queue; a second call fails.
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()>;
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -75,6 +81,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
     fn set_fault_handler(&self, handler: FaultHandler) {
         (**self).set_fault_handler(handler);
     }
+
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        (**self).count_chains(counters)
+    }
 }
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -85,6 +95,7 @@ pub const VIRTIO_ID_RNG: u32 = 4;
 pub mod backend;
 pub mod chain;
 pub mod config_space;
+pub mod counters;
 pub mod exit;
 pub mod inflight;
 pub mod log_limit;

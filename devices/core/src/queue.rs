@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use log::error;
@@ -13,6 +13,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use crate::counters::QueueCounters;
 use crate::log_limit::LogLimiter;
 
 /// Heads beyond the descriptor table: a driver can publish them as fast as it likes.
@@ -72,9 +73,14 @@ pub type FaultHandler = Arc<dyn Fn(&QueueFault) + Send + Sync>;
 ///
 /// A head beyond the descriptor table is skipped (it names no buffer that could be returned)
 /// with a rate-limited warning, and the rest of the batch is served.
+///
+/// Once a transport installed [`QueueCounters`] ([`Rings::count_chains`]), every chain taken
+/// and returned and every fault is counted on its queue's counters.
 #[derive(Default)]
 pub struct Rings {
     fault_handler: RwLock<Option<FaultHandler>>,
+    /// Indexed by queue; a queue beyond the slice is not counted.
+    counters: OnceLock<Arc<[QueueCounters]>>,
 }
 
 impl Rings {
@@ -83,6 +89,21 @@ impl Rings {
             .fault_handler
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(handler);
+    }
+
+    /// Counts chains and faults of queue `n` on `counters[n]` from now on. Once only: the
+    /// workers read the counters without a lock, so they cannot be replaced.
+    pub fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.counters.set(counters).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the device's chains are counted already",
+            )
+        })
+    }
+
+    fn counters(&self, queue: u16) -> Option<&QueueCounters> {
+        self.counters.get()?.get(usize::from(queue))
     }
 
     /// The next chain the driver made available on `queue`, or `None` when there is none (or
@@ -95,16 +116,26 @@ impl Rings {
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         // A statement of its own, so the ring's lock is released before a fault is handled.
         let popped = take_chain(vring.get_mut().get_queue_mut(), queue, mem);
-        popped.unwrap_or_else(|fault| {
+        let chain = popped.unwrap_or_else(|fault| {
             self.stop(vring, QueueFault { queue, fault });
             None
-        })
+        })?;
+        if let Some(counters) = self.counters(queue) {
+            // A second walk of the descriptors, paid only where they are counted; one the
+            // device will find broken counts what could be read of it.
+            let readable = chain.clone().readable().map(|desc| u64::from(desc.len()));
+            counters.chain_taken(readable.sum());
+        }
+        Some(chain)
     }
 
     /// Puts `head` in the used ring of `queue` with `len` bytes written; false when the used
     /// ring cannot be written, which stops the queue.
     pub fn add_used(&self, vring: &VringRwLock, queue: u16, head: u16, len: u32) -> bool {
         let Err(error) = vring.add_used(head, len) else {
+            if let Some(counters) = self.counters(queue) {
+                counters.chain_used(len);
+            }
             return true;
         };
         let addr = vring.get_ref().get_queue().used_ring();
@@ -119,6 +150,9 @@ impl Rings {
 
     fn stop(&self, vring: &VringRwLock, fault: QueueFault) {
         vring.set_queue_ready(false);
+        if let Some(counters) = self.counters(fault.queue) {
+            counters.faults.increment();
+        }
         error!("{fault}; queue stopped until the driver resets or re-initialises it");
         let handler = self
             .fault_handler
@@ -375,6 +409,51 @@ mod tests {
                 if *addr == outside
         ));
         assert!(!queue_is_live(&queue.vring));
+    }
+
+    #[test]
+    fn counted_rings_count_chains_bytes_and_faults_on_their_queue() {
+        use crate::testing::readable;
+        let memory = TestMemory::new(MEMORY_SIZE);
+        let mut queue = TestQueue::new(&memory, 0, 16, false);
+        let rings = Rings::default();
+        let counters: Arc<[QueueCounters]> = (0..2).map(|_| QueueCounters::default()).collect();
+        rings.count_chains(counters.clone()).unwrap();
+        assert!(
+            rings.count_chains(counters.clone()).is_err(),
+            "counters cannot be replaced under the workers"
+        );
+        let first = queue.add_chain(&[readable(0x8000, 16), readable(0x9000, 4096)]);
+        let second = queue.add_indirect_chain(
+            0xa000,
+            &[
+                readable(0xb000, 100),
+                writable(0xc000, 512),
+                writable(0xd000, 1),
+            ],
+        );
+        for (head, used_len) in [(first, 0), (second, 513)] {
+            let chain = rings.pop(&queue.vring, 1, memory.mem).unwrap();
+            assert_eq!(chain.head_index(), head);
+            assert!(rings.add_used(&queue.vring, 1, head, used_len));
+        }
+        let counted = &counters[1];
+        assert_eq!(counted.taken.get(), 2);
+        assert_eq!(counted.used.get(), 2);
+        assert_eq!(counted.bytes_to_device.get(), 16 + 4096 + 100);
+        assert_eq!(counted.bytes_to_driver.get(), 513);
+        assert_eq!(counted.faults.get(), 0);
+        assert_eq!(counters[0].taken.get(), 0, "only queue 1 served");
+
+        // A queue beyond the counters is served, not counted.
+        queue.add_chain(&[readable(0x8000, 16)]);
+        assert!(rings.pop(&queue.vring, 7, memory.mem).is_some());
+        assert_eq!(counted.taken.get(), 2);
+
+        queue.set_avail_idx(queue.used_idx().wrapping_add(40));
+        assert!(rings.pop(&queue.vring, 1, memory.mem).is_none());
+        assert_eq!(counted.faults.get(), 1);
+        assert_eq!(counted.taken.get(), 2);
     }
 
     /// The re-check after notifications are re-enabled: a buffer the driver publishes while the

@@ -219,6 +219,23 @@ pub fn raw(buffer: Buffer, flags: u32, next: u16) -> RawDescriptor {
 }
 
 /// Descriptors of one chain with NEXT links from `first` on.
+/// `descriptors` written as a chain starting at table index `first`: their NEXT fields, given
+/// relative to the chain's first descriptor, become table indices.
+pub fn rebased(descriptors: &[RawDescriptor], first: u16) -> Vec<RawDescriptor> {
+    descriptors
+        .iter()
+        .map(|d| {
+            let d = SplitDescriptor::from(*d);
+            RawDescriptor::from(SplitDescriptor::new(
+                d.addr().0,
+                d.len(),
+                d.flags(),
+                d.next().wrapping_add(first),
+            ))
+        })
+        .collect()
+}
+
 fn linked(buffers: &[Buffer], first: u16) -> Vec<RawDescriptor> {
     buffers
         .iter()
@@ -311,19 +328,7 @@ impl TestQueue {
     /// relative to the chain's first descriptor; returns the head.
     pub fn add_raw_chain(&mut self, descriptors: &[RawDescriptor]) -> u16 {
         let first = self.reserve(descriptors.len());
-        let rebased: Vec<RawDescriptor> = descriptors
-            .iter()
-            .map(|d| {
-                let d = SplitDescriptor::from(*d);
-                RawDescriptor::from(SplitDescriptor::new(
-                    d.addr().0,
-                    d.len(),
-                    d.flags(),
-                    d.next().wrapping_add(first),
-                ))
-            })
-            .collect();
-        self.publish_at(first, &rebased)
+        self.publish_at(first, &rebased(descriptors, first))
     }
 
     fn reserve(&mut self, count: usize) -> u16 {

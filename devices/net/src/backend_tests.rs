@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
 use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
-    returns_within, set_avail_idx, writable,
+    rebased, returns_within, set_avail_idx, writable,
 };
 use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
-use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -314,19 +314,9 @@ impl<T: TapQueue + 'static> Rig<T> {
     /// Publishes descriptors exactly as given; NEXT links are relative to the first one.
     fn publish(&mut self, queue: usize, descriptors: &[RawDescriptor]) -> u16 {
         let first = self.next_index(queue, descriptors.len());
-        let rebased: Vec<RawDescriptor> = descriptors
-            .iter()
-            .map(|d| {
-                let d = SplitDescriptor::from(*d);
-                RawDescriptor::from(SplitDescriptor::new(
-                    d.addr().0,
-                    d.len(),
-                    d.flags(),
-                    d.next() + first,
-                ))
-            })
-            .collect();
-        self.rings(queue).add_desc_chains(&rebased, first).unwrap();
+        self.rings(queue)
+            .add_desc_chains(&rebased(descriptors, first), first)
+            .unwrap();
         self.next_desc[queue] = first + descriptors.len() as u16;
         first
     }

@@ -17,6 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::chain::{Direction, Segment, collect_segments};
 use hvisor_vhost_core::config_space::read_config;
+use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::log_limit::LogLimiter;
 use hvisor_vhost_core::queue::{FaultHandler, QueueState, Rings, queue_is_live, serve_queue};
@@ -238,6 +239,10 @@ impl VirtioDevice for RngBackend {
 
     fn set_fault_handler(&self, handler: FaultHandler) {
         self.worker().rings.set_fault_handler(handler);
+    }
+
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.worker().rings.count_chains(counters)
     }
 
     fn attach_event_registry(

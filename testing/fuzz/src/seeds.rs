@@ -5,6 +5,7 @@
 use crate::devices::device_input;
 use crate::guest::{ImageBuilder, readable, writable};
 use crate::{mmio, vhost_user};
+use virtio_guest_driver::blk;
 
 const ALL_FEATURES: u64 = u64::MAX;
 const EVENT_IDX: u8 = 1;
@@ -33,13 +34,6 @@ fn both_modes(host_data: &[u8], image: &[u8], extra_options: u8) -> Vec<Vec<u8>>
         .collect()
 }
 
-fn blk_header(request_type: u32, sector: u64) -> Vec<u8> {
-    let mut header = request_type.to_le_bytes().to_vec();
-    header.extend_from_slice(&0u32.to_le_bytes());
-    header.extend_from_slice(&sector.to_le_bytes());
-    header
-}
-
 fn blk() -> Vec<Vec<u8>> {
     let (header, data, status) = (0x1000, 0x1100, 0x1f00);
     let request = |kind: u32, body: &[crate::guest::SeedBuffer], payload: &[u8]| {
@@ -47,7 +41,7 @@ fn blk() -> Vec<Vec<u8>> {
         buffers.extend_from_slice(body);
         buffers.push(writable(status, 1));
         ImageBuilder::default()
-            .data(header, &blk_header(kind, 1))
+            .data(header, &blk::header(kind, 1))
             .data(data, payload)
             .chain(0, &buffers)
             .build()
@@ -65,7 +59,7 @@ fn blk() -> Vec<Vec<u8>> {
         request(13, &[readable(data, 16)], &segment),
         // Two requests in one kick.
         ImageBuilder::default()
-            .data(header, &blk_header(0, 0))
+            .data(header, &blk::header(0, 0))
             .chain(
                 0,
                 &[
@@ -225,7 +219,7 @@ fn mmio() -> Vec<Vec<u8>> {
         .chain(0, &[writable(0x1000, 64)])
         .build();
     let blk_image = ImageBuilder::default()
-        .data(0x1000, &blk_header(0, 0))
+        .data(0x1000, &blk::header(0, 0))
         .chain(
             0,
             &[
@@ -347,7 +341,7 @@ fn vhost_user() -> Vec<Vec<u8>> {
     ]
     .concat();
     let image = ImageBuilder::default()
-        .data(0x1000, &blk_header(0, 0))
+        .data(0x1000, &blk::header(0, 0))
         .chain(
             0,
             &[

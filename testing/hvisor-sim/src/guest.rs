@@ -6,16 +6,14 @@ use std::time::Duration;
 
 use hvisor_transport::config::{DeviceKind, VirtioConfig};
 use hvisor_transport::mmio::{MAGIC_VALUE, VERSION, reg};
-use virtio_guest_driver::blk::{self, RequestBuffers};
-use virtio_guest_driver::{DriverError, DriverQueue};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_guest_driver::blk::{self, Payload, RequestBuffers};
+use virtio_guest_driver::{
+    DriverError, DriverQueue, F_EVENT_IDX, F_VERSION_1, QueueLayout, STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::{SimError, Simulator};
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -31,8 +29,6 @@ pub enum GuestError {
     QueueRefused(u32),
     #[error(transparent)]
     Driver(#[from] DriverError),
-    #[error("guest memory: {0}")]
-    Memory(#[from] vm_memory::GuestMemoryError),
     #[error(
         "blk round {round}: data read back differs (write status {written}, read status {read})"
     )]
@@ -136,13 +132,20 @@ impl<'a> MmioGuest<'a> {
         self.write(reg::STATUS, status | STATUS_DRIVER_OK)
     }
 
-    /// Lays out queue `index` with `size` entries at `at` in guest RAM and makes it ready.
+    /// Lays out queue `index` with `size` entries at `at` in guest RAM, zeroed, and makes it
+    /// ready.
     pub fn setup_queue(
         &self,
         index: u32,
         size: u16,
         at: GuestAddress,
     ) -> Result<DriverQueue, GuestError> {
+        let memory = self
+            .sim
+            .memory(self.zone)
+            .ok_or(GuestError::Sim(SimError::NoZone(self.zone)))?;
+        let layout = QueueLayout::new(size, at);
+        layout.clear(memory)?;
         self.write(reg::QUEUE_SEL, index)?;
         let max = self.read(reg::QUEUE_NUM_MAX)?;
         if max < u32::from(size) {
@@ -152,12 +155,12 @@ impl<'a> MmioGuest<'a> {
                 wanted: size,
             });
         }
-        let queue = DriverQueue::new(index, size, at);
+        let queue = DriverQueue::new(index, layout);
         self.write(reg::QUEUE_NUM, u32::from(size))?;
         for (low, address) in [
-            (reg::QUEUE_DESC_LOW, queue.desc),
-            (reg::QUEUE_AVAIL_LOW, queue.avail),
-            (reg::QUEUE_USED_LOW, queue.used),
+            (reg::QUEUE_DESC_LOW, queue.layout.desc),
+            (reg::QUEUE_AVAIL_LOW, queue.layout.avail),
+            (reg::QUEUE_USED_LOW, queue.layout.used),
         ] {
             self.write(low, address.0 as u32)?;
             self.write(low + 4, (address.0 >> 32) as u32)?;
@@ -213,16 +216,10 @@ impl<'a> BlkGuest<'a> {
                 version: device,
             });
         }
-        const VERSION_1: u64 = 1 << 32;
-        const EVENT_IDX: u64 = 1 << 29;
-        let features = mmio.initialize(VERSION_1 | EVENT_IDX | blk::F_FLUSH)?;
-        DriverQueue::clear(memory, queue_size, scratch)?;
+        let features = mmio.initialize(F_VERSION_1 | F_EVENT_IDX | blk::F_FLUSH)?;
         let queue = mmio.setup_queue(0, queue_size, scratch)?;
         mmio.driver_ok()?;
-        let buffers = RequestBuffers::at(
-            scratch.unchecked_add(DriverQueue::footprint(queue_size)),
-            data_len,
-        );
+        let buffers = RequestBuffers::at(queue.layout.end(), data_len);
         Ok(BlkGuest {
             mmio,
             queue,
@@ -238,11 +235,11 @@ impl<'a> BlkGuest<'a> {
         &mut self,
         request_type: u32,
         sector: u64,
-        data: Option<(u32, bool)>,
+        payload: Payload,
     ) -> Result<(u8, u32), GuestError> {
         let chain = self
             .buffers
-            .chain(self.memory, request_type, sector, data)?;
+            .chain(self.memory, request_type, sector, payload)?;
         let head = self.queue.add(self.memory, &chain)?;
         self.mmio.notify(self.queue.index)?;
         // As Linux does: take the interrupt, acknowledge it, then reap the used ring.
@@ -266,25 +263,44 @@ impl<'a> BlkGuest<'a> {
 
     /// Writes `data` (at most the data buffer) at `sector`; returns the status.
     pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<u8, GuestError> {
-        let len = u32::try_from(data.len())
-            .unwrap_or(u32::MAX)
-            .min(self.buffers.data_len);
-        self.memory
-            .write_slice(&data[..len as usize], self.buffers.data)?;
-        Ok(self.request(blk::T_OUT, sector, Some((len, false)))?.0)
+        let len = data.len().min(self.buffers.data_len as usize);
+        Ok(self
+            .request(blk::T_OUT, sector, Payload::Out(&data[..len]))?
+            .0)
     }
 
     /// Reads `len` bytes (at most the data buffer) at `sector`.
     pub fn read(&mut self, sector: u64, len: u32) -> Result<(u8, Vec<u8>), GuestError> {
         let len = len.min(self.buffers.data_len);
-        let (status, _) = self.request(blk::T_IN, sector, Some((len, true)))?;
-        let mut data = vec![0u8; len as usize];
-        self.memory.read_slice(&mut data, self.buffers.data)?;
-        Ok((status, data))
+        let (status, _) = self.request(blk::T_IN, sector, Payload::In(len))?;
+        Ok((status, self.buffers.data(self.memory, len)?))
     }
 
     pub fn flush(&mut self) -> Result<u8, GuestError> {
-        Ok(self.request(blk::T_FLUSH, 0, None)?.0)
+        Ok(self.request(blk::T_FLUSH, 0, Payload::None)?.0)
+    }
+
+    /// `rounds` rounds of writing a whole data buffer of a round-specific pattern and reading
+    /// it back, each checked (status and data): the first 64 buffer-sized blocks, in turn.
+    pub fn write_read_rounds(&mut self, rounds: u32) -> Result<(), GuestError> {
+        let len = self.buffers.data_len;
+        let mut pattern = vec![0u8; len as usize];
+        for round in 0..rounds {
+            for (i, byte) in pattern.iter_mut().enumerate() {
+                *byte = (i as u32 ^ round.wrapping_mul(0x9e37_79b9)) as u8;
+            }
+            let sector = u64::from(round % 64) * u64::from(len / 512);
+            let written = self.write(sector, &pattern)?;
+            let (read, back) = self.read(sector, len)?;
+            if written != blk::S_OK || read != blk::S_OK || back != pattern {
+                return Err(GuestError::Mismatch {
+                    round,
+                    written,
+                    read,
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -314,22 +330,7 @@ pub fn exercise_all(sim: &Simulator, config: &VirtioConfig, rounds: u32) -> Resu
             };
             let mut guest = BlkGuest::start(sim, zone.id, device.addr, scratch, 64, DATA_LEN)?;
             let started = std::time::Instant::now();
-            let mut pattern = vec![0u8; DATA_LEN as usize];
-            for round in 0..rounds {
-                for (i, byte) in pattern.iter_mut().enumerate() {
-                    *byte = (i as u32 ^ round.wrapping_mul(0x9e37_79b9)) as u8;
-                }
-                let sector = u64::from(round % 64) * u64::from(DATA_LEN / 512);
-                let written = guest.write(sector, &pattern)?;
-                let (read, back) = guest.read(sector, DATA_LEN)?;
-                if written != blk::S_OK || read != blk::S_OK || back != pattern {
-                    return Err(GuestError::Mismatch {
-                        round,
-                        written,
-                        read,
-                    });
-                }
-            }
+            guest.write_read_rounds(rounds)?;
             let elapsed = started.elapsed();
             println!(
                 "  blk: {rounds} rounds of 64 KiB write + read verified in {elapsed:.2?} ({:.1} us per request)",

@@ -10,6 +10,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::config::{DeviceConfig, VirtioConfig};
+use super::counters::DeviceCounters;
 use super::interrupt::{Injector, InterruptLine};
 use super::mmio::{MmioDevice, MmioRegisters};
 
@@ -27,11 +28,12 @@ pub enum DeviceError {
     },
 }
 
-/// A started device: its registers, and its interrupt line, whose call eventfds the interrupt
-/// thread watches.
+/// A started device: its registers, its interrupt line, whose call eventfds the interrupt
+/// thread watches, and its counters.
 pub struct Started {
     pub registers: Box<dyn MmioRegisters>,
     pub line: Arc<InterruptLine>,
+    pub counters: Arc<DeviceCounters>,
 }
 
 /// A name for log lines: zone, type, position in the zone's list and base address.
@@ -72,6 +74,7 @@ where
             .map_err(|source| DeviceError::Start { name, source })?;
         Ok(Started {
             line: device.line().clone(),
+            counters: device.counters().clone(),
             registers: Box::new(device),
         })
     }

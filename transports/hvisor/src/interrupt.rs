@@ -10,6 +10,7 @@ use log::warn;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::abi::DeviceRes;
+use super::counters::{DeviceCounters, ResultRingCounters};
 use super::port::HypervisorPort;
 use super::ring::push_result;
 
@@ -25,6 +26,7 @@ pub struct Injector {
     results: Mutex<()>,
     /// Set when the daemon stops: an interrupt still waiting for room is given up.
     stopping: AtomicBool,
+    counters: Arc<ResultRingCounters>,
 }
 
 impl Injector {
@@ -33,7 +35,13 @@ impl Injector {
             port,
             results: Mutex::new(()),
             stopping: AtomicBool::new(false),
+            counters: Arc::default(),
         }
+    }
+
+    /// The result ring's counters.
+    pub fn counters(&self) -> &Arc<ResultRingCounters> {
+        &self.counters
     }
 
     /// Makes `inject` give up instead of waiting for room, so the daemon can stop while the
@@ -53,19 +61,28 @@ impl Injector {
     /// result lock held, right before the push) says a reset has made the interrupt stale.
     /// When the result ring is full it backs off with the lock released, nudging the
     /// hypervisor to drain, so register answers of other devices never wait behind it.
-    fn inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) {
+    /// Returns whether the interrupt went into the ring.
+    fn inject(&self, zone: u32, irq: u32, still_wanted: impl Fn() -> bool) -> bool {
         let result = DeviceRes {
             target_zone: zone,
             irq_id: irq,
         };
         let mut backoff = Duration::from_micros(1);
         let mut last_warning: Option<Instant> = None;
+        // When the ring was first found full.
+        let mut full_since: Option<Instant> = None;
+        let waited = |full_since: Option<Instant>| {
+            if let Some(since) = full_since {
+                self.counters.waited(since.elapsed());
+            }
+        };
         loop {
             let pushed = {
                 let _results = self.lock_results();
                 if !still_wanted() {
                     log::debug!("irq {irq} of zone {zone}: dropped, its device was reset");
-                    return;
+                    waited(full_since);
+                    return false;
                 }
                 push_result(self.port.bridge(), result)
             };
@@ -73,11 +90,14 @@ impl Injector {
                 warn!("FINISH_REQ for irq {irq} of zone {zone} failed: {error}");
             }
             if pushed {
-                return;
+                waited(full_since);
+                return true;
             }
+            full_since.get_or_insert_with(Instant::now);
             if self.stopping.load(Ordering::Relaxed) {
                 warn!("stopping: irq {irq} of zone {zone} dropped, the result ring stayed full");
-                return;
+                waited(full_since);
+                return false;
             }
             if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                 warn!("result ring full; irq {irq} of zone {zone} waits for the hypervisor");
@@ -124,6 +144,7 @@ pub struct InterruptLine {
     /// (INT_CONFIG). Read only under `state`.
     signals: Vec<(EventFd, u32)>,
     state: Mutex<LineState>,
+    counters: Arc<DeviceCounters>,
 }
 
 impl InterruptLine {
@@ -133,6 +154,7 @@ impl InterruptLine {
         injector: Arc<Injector>,
         calls: Vec<EventFd>,
         config_change: EventFd,
+        counters: Arc<DeviceCounters>,
     ) -> Self {
         let signals = calls
             .into_iter()
@@ -145,6 +167,7 @@ impl InterruptLine {
             injector,
             signals,
             state: Mutex::new(LineState::default()),
+            counters,
         }
     }
 
@@ -167,7 +190,15 @@ impl InterruptLine {
         let send = {
             let mut state = self.lock();
             match self.signals.get(index) {
-                Some((signal, bit)) if signal.read().is_ok() => state.raise(*bit),
+                Some((signal, bit)) if signal.read().is_ok() => {
+                    let counters = &self.counters.line;
+                    if *bit == INT_CONFIG {
+                        counters.config_signals.increment();
+                    } else {
+                        counters.signals.increment();
+                    }
+                    state.raise(*bit)
+                }
                 // Drained by a reset in the meantime.
                 _ => None,
             }
@@ -184,8 +215,15 @@ impl InterruptLine {
             decided.is_some()
         );
         if let Some(resets) = decided {
-            self.injector
+            let delivered = self
+                .injector
                 .inject(self.zone, self.irq, || self.lock().resets == resets);
+            let counters = &self.counters.line;
+            if delivered {
+                counters.delivered.increment();
+            } else {
+                counters.dropped.increment();
+            }
         }
     }
 

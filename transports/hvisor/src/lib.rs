@@ -6,6 +6,7 @@
 //! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
 //! - [`server`]: the request loop; [`mmio`]: the register file; [`interrupt`]: IRQ delivery;
+//!   [`counters`]: what each of them counts, read as one snapshot;
 //! - [`devices`]: the devices of the configuration, opened before the hand-off and started
 //!   behind virtio-mmio once zone RAM is mapped.
 //!
@@ -15,6 +16,7 @@
 pub use hvisor_bridge::{abi, ring, sync};
 
 pub mod config;
+pub mod counters;
 pub mod devices;
 mod file_kind;
 pub mod handoff;

@@ -38,6 +38,7 @@ use hvisor_vhost_core::log_limit::LogLimiter;
 use hvisor_vhost_core::queue::{FaultHandler, QueueFault};
 use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 
+use super::counters::DeviceCounters;
 use super::interrupt::{Injector, InterruptLine};
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -136,6 +137,7 @@ where
     needs_reset: Arc<AtomicBool>,
     config_generation: u32,
     mistakes: GuestMistakes,
+    counters: Arc<DeviceCounters>,
 }
 
 /// Mistakes a driver can repeat at will: each kind is logged at most once a second per device.
@@ -212,6 +214,11 @@ where
             kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
             calls.push(call);
         }
+        let counters = Arc::new(DeviceCounters::new(
+            num_queues,
+            backend.queues_per_thread().len(),
+        ));
+        backend.count_chains(counters.queues.clone())?;
         let needs_reset = Arc::new(AtomicBool::new(false));
         let config_change = EventFd::new(EFD_NONBLOCK)?;
         backend.set_fault_handler(needs_reset_on_fault(
@@ -232,6 +239,7 @@ where
                 injector,
                 calls,
                 config_change,
+                counters.clone(),
             )),
             workers: Vec::new(),
             device_features_sel: 0,
@@ -243,6 +251,7 @@ where
             needs_reset,
             config_generation: 0,
             mistakes: GuestMistakes::new(),
+            counters,
         };
         device.start_workers()?;
         Ok(device)
@@ -251,6 +260,15 @@ where
     /// The device's interrupt line, whose call eventfds the interrupt thread watches.
     pub fn line(&self) -> &Arc<InterruptLine> {
         &self.line
+    }
+
+    pub fn counters(&self) -> &Arc<DeviceCounters> {
+        &self.counters
+    }
+
+    /// Counts a register access refused or ignored as the driver's mistake (each logged).
+    fn refused(&self) {
+        self.counters.registers.refused.increment();
     }
 
     /// One thread per `queues_per_thread` mask, each waiting on the kicks of its queues.
@@ -278,6 +296,7 @@ where
                     .collect(),
                 exit: exit.try_clone()?,
                 registry: registry.clone(),
+                counters: self.counters.clone(),
             };
             self.backend.attach_event_registry(thread_id, registry)?;
             let handle = std::thread::Builder::new()
@@ -315,10 +334,13 @@ where
             .and_then(|offset| self.backend.set_config(offset, &bytes[..usize::from(size)]));
         match result {
             Ok(()) => self.config_generation = self.config_generation.wrapping_add(1),
-            Err(error) => warn!(
-                "{}: config write of {size} bytes at {offset:#x} refused: {error}",
-                self.name
-            ),
+            Err(error) => {
+                self.refused();
+                warn!(
+                    "{}: config write of {size} bytes at {offset:#x} refused: {error}",
+                    self.name
+                );
+            }
         }
     }
 
@@ -331,6 +353,7 @@ where
         let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let cleared = self.status & !value;
         if cleared != 0 {
+            self.refused();
             self.mistakes.status.warn(format_args!(
                 "{}: Status {value:#x} would clear bits {cleared:#x}; only a reset (0) clears \
                  them, so they stay set",
@@ -344,6 +367,7 @@ where
             let offered = self.offered_features();
             let unknown = self.driver_features & !offered;
             if unknown != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                self.refused();
                 warn!(
                     "{}: driver features {:#x} refused (not offered: {unknown:#x}; VERSION_1 is \
                      required); FEATURES_OK stays clear",
@@ -361,6 +385,7 @@ where
             }
         }
         if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            self.refused();
             self.mistakes.status.warn(format_args!(
                 "{}: DRIVER_OK without negotiated features (FEATURES_OK is clear); DRIVER_OK \
                  stays clear and the queues stay stopped",
@@ -441,6 +466,7 @@ where
             || !registers.num.is_power_of_two()
             || usize::from(registers.num) > max
         {
+            self.refused();
             error!(
                 "{}: queue {index}: QueueNum {} is not a power of two in 1..={max}; QueueReady \
                  refused",
@@ -451,6 +477,7 @@ where
         let vring = &self.vrings[index];
         vring.set_queue_size(registers.num);
         if let Err(error) = vring.set_queue_info(registers.desc, registers.avail, registers.used) {
+            self.refused();
             error!(
                 "{}: queue {index}: ring addresses desc {:#x} avail {:#x} used {:#x} are \
                  misaligned ({error:?}); QueueReady refused",
@@ -465,6 +492,7 @@ where
         let valid = vring.get_ref().get_queue().is_valid(&*self.memory.memory());
         if !valid {
             vring.set_queue_ready(false);
+            self.refused();
             error!(
                 "{}: queue {index}: rings of {} entries at desc {:#x} avail {:#x} used {:#x} are \
                  not inside zone RAM; QueueReady refused",
@@ -485,21 +513,31 @@ where
     fn notify(&self, value: u64) {
         let index = usize::try_from(value).unwrap_or(usize::MAX);
         match self.queues.get(index) {
-            Some(queue) if queue.ready && self.driver_ok() => self.kick(index),
-            Some(queue) if queue.ready => self.mistakes.early_notify.warn(format_args!(
-                "{}: QueueNotify for queue {value} before DRIVER_OK; its buffers are served \
-                 once the driver sets DRIVER_OK",
-                self.name
-            )),
-            _ => self.mistakes.notify.warn(format_args!(
-                "{}: QueueNotify for queue {value}, which is not ready",
-                self.name
-            )),
+            Some(queue) if queue.ready && self.driver_ok() => {
+                self.counters.registers.notifies.increment();
+                self.kick(index);
+            }
+            Some(queue) if queue.ready => {
+                self.refused();
+                self.mistakes.early_notify.warn(format_args!(
+                    "{}: QueueNotify for queue {value} before DRIVER_OK; its buffers are \
+                     served once the driver sets DRIVER_OK",
+                    self.name
+                ));
+            }
+            _ => {
+                self.refused();
+                self.mistakes.notify.warn(format_args!(
+                    "{}: QueueNotify for queue {value}, which is not ready",
+                    self.name
+                ));
+            }
         }
     }
 
     fn queue_register(&mut self, offset: u64, value: u32) {
         let Some(index) = self.selected_queue() else {
+            self.refused();
             warn!(
                 "{}: write to queue register {offset:#x} with QueueSel {} out of range; ignored",
                 self.name, self.queue_sel
@@ -515,6 +553,7 @@ where
             return;
         }
         if self.queues[index].ready {
+            self.refused();
             warn!(
                 "{}: queue {index}: register {offset:#x} written while the queue is ready; ignored",
                 self.name
@@ -576,17 +615,23 @@ where
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            reg::DRIVER_FEATURES if self.features_locked() => warn!(
-                "{}: DriverFeatures written after FEATURES_OK; ignored",
-                self.name
-            ),
+            reg::DRIVER_FEATURES if self.features_locked() => {
+                self.refused();
+                warn!(
+                    "{}: DriverFeatures written after FEATURES_OK; ignored",
+                    self.name
+                );
+            }
             reg::DRIVER_FEATURES => match self.driver_features_sel {
                 0 => set_low(&mut self.driver_features, value),
                 1 => set_high(&mut self.driver_features, value),
-                select => warn!(
-                    "{}: DriverFeatures word {select} does not exist; ignored",
-                    self.name
-                ),
+                select => {
+                    self.refused();
+                    warn!(
+                        "{}: DriverFeatures word {select} does not exist; ignored",
+                        self.name
+                    );
+                }
             },
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM
@@ -612,10 +657,12 @@ where
     B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
 {
     fn read(&mut self, offset: u64, size: u8) -> u64 {
+        self.counters.registers.reads.increment();
         if offset >= reg::CONFIG {
             return self.config_read(offset - reg::CONFIG, size) & size_mask(size);
         }
         if size != 4 || offset % 4 != 0 {
+            self.refused();
             warn!(
                 "{}: {size}-byte read of register {offset:#x}: registers are 4-byte aligned \
                  words; answered 0",
@@ -625,6 +672,7 @@ where
         }
         self.register_read(offset).map_or_else(
             || {
+                self.refused();
                 warn!(
                     "{}: read of unknown or write-only register {offset:#x}; answered 0",
                     self.name
@@ -636,11 +684,13 @@ where
     }
 
     fn write(&mut self, offset: u64, size: u8, value: u64) {
+        self.counters.registers.writes.increment();
         if offset >= reg::CONFIG {
             self.config_write(offset - reg::CONFIG, size, value & size_mask(size));
             return;
         }
         if size != 4 || offset % 4 != 0 {
+            self.refused();
             warn!(
                 "{}: {size}-byte write of {value:#x} to register {offset:#x}: registers are \
                  4-byte aligned words; ignored",
@@ -649,6 +699,7 @@ where
             return;
         }
         if !self.register_write(offset, value as u32) {
+            self.refused();
             warn!(
                 "{}: write of {value:#x} to unknown or read-only register {offset:#x}; ignored",
                 self.name
@@ -724,6 +775,7 @@ struct QueueWorker<B> {
     kicks: Vec<Arc<EventFd>>,
     exit: EventFd,
     registry: Arc<WorkerRegistry>,
+    counters: Arc<DeviceCounters>,
 }
 
 impl<B> QueueWorker<B>
@@ -757,12 +809,14 @@ where
             EpollEvent::new(EventSet::IN, exit_token),
         )?;
         let mut events = vec![EpollEvent::default(); 32];
+        let counters = &self.counters.workers[self.thread_id];
         loop {
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(ready) => ready,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(error),
             };
+            counters.wakeups.increment();
             for event in &events[..ready] {
                 let token = event.data();
                 if token == exit_token {
@@ -782,6 +836,7 @@ where
                     self.backend
                         .handle_event(token as u16, events, &self.vrings, self.thread_id)
                 {
+                    counters.event_errors.increment();
                     error!("{}: event {token} failed: {error}", self.name);
                 }
             }

@@ -14,8 +14,9 @@ use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMma
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::abi::{DeviceReq, MAX_DEVS};
+use super::abi::{DeviceReq, MAX_CPUS, MAX_DEVS};
 use super::config::{VirtioConfig, ZoneConfig};
+use super::counters::{Counters, DeviceIdentity};
 use super::devices::{DeviceError, OpenDevice};
 use super::interrupt::{Injector, InterruptLine};
 use super::mmio::MmioRegisters;
@@ -76,6 +77,7 @@ pub struct Server {
     poll: Duration,
     interrupts: Option<(EventFd, JoinHandle<()>)>,
     stray_accesses: LogLimiter,
+    counters: Arc<Counters>,
 }
 
 fn map_zone(port: &dyn HypervisorPort, zone: &ZoneConfig) -> Result<GuestMemoryMmap, ServerError> {
@@ -114,15 +116,23 @@ impl Server {
         let injector = Arc::new(Injector::new(port.clone()));
         let mut windows = Vec::new();
         let mut lines = Vec::new();
+        let mut device_counters = Vec::new();
         let mut devices = devices.into_iter().peekable();
         for zone in config.served_zones() {
             let memory = GuestMemoryAtomic::new(map_zone(port.as_ref(), zone)?);
             while let Some(device) = devices.next_if(|device| device.zone == zone.id) {
                 let (base, len, irq) = (device.config.addr, device.config.len, device.config.irq);
+                let identity = DeviceIdentity {
+                    name: device.name.clone(),
+                    kind: device.config.kind.name(),
+                    zone: zone.id,
+                    addr: base,
+                };
                 let name = device.name.clone();
                 let started = device.start(memory.clone(), injector.clone())?;
                 info!("{name}: serving {len} bytes at {base:#x}, irq {irq}");
                 lines.push(started.line);
+                device_counters.push((identity, started.counters));
                 windows.push(Window {
                     zone: zone.id,
                     base,
@@ -139,6 +149,7 @@ impl Server {
         }
         bridge.mmio_avail.store(1, Ordering::Release);
         let interrupts = spawn_interrupt_thread(lines).map_err(ServerError::Interrupts)?;
+        let counters = Arc::new(Counters::new(injector.counters().clone(), device_counters));
         Ok(Server {
             port,
             injector,
@@ -150,15 +161,23 @@ impl Server {
                 Duration::from_secs(1),
                 STRAY_ACCESS_LINES_PER_SECOND,
             ),
+            counters,
         })
+    }
+
+    /// The daemon's counters, for reports while it serves and after it stopped.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
     }
 
     /// Serves one request taken from the ring: the register access, then the answer a
     /// synchronous request waits for.
     pub fn handle(&mut self, request: DeviceReq) {
+        self.counters.ring.requests.increment();
         let size = match request.size {
             1 | 2 | 4 | 8 => request.size as u8,
             other => {
+                self.counters.ring.errors.increment();
                 self.stray_accesses.warn(format_args!(
                     "zone {} cpu {}: access of {other} bytes at {:#x}; only 1, 2, 4 or 8 are \
                      possible; answered 0",
@@ -175,6 +194,7 @@ impl Server {
         });
         let value = match window {
             None => {
+                self.counters.ring.errors.increment();
                 self.stray_accesses.warn(format_args!(
                     "zone {} cpu {}: {} of {size} bytes at {:#x}, where no device is; {}",
                     request.src_zone,
@@ -211,8 +231,17 @@ impl Server {
     /// Synchronous requests are answered, posted ones never: an answer the vCPU does not
     /// wait for would satisfy its next synchronous request with a stale value.
     fn answer(&self, request: &DeviceReq, value: u64) {
+        let ring = &self.counters.ring;
         if request.need_interrupt {
+            ring.posted_notifies.increment();
             return;
+        }
+        // Counted before the answer, which releases the vCPU: a guest that reads the counters
+        // next finds its own requests in them.
+        if usize::try_from(request.src_cpu).is_ok_and(|cpu| cpu < MAX_CPUS) {
+            ring.sync_answers.increment();
+        } else {
+            ring.errors.increment();
         }
         if !answer(self.port.bridge(), request.src_cpu, value) {
             error!(
@@ -247,6 +276,8 @@ impl Server {
         }
         let mut consumer = RequestConsumer::new(bridge);
         let mut events = [EpollEvent::default(); 3];
+        let counters = self.counters.clone();
+        let ring = &counters.ring;
         info!(
             "serving {} device(s); busy-poll window {:?}",
             self.windows.len(),
@@ -257,18 +288,29 @@ impl Server {
             // `need_wakeup` brought no wake-up.
             consumer.announce_awake();
             let mut idle_since = Instant::now();
+            // The ring ran empty and we spin: the next request is a poll hit, a sleep ends
+            // the window as a miss.
+            let mut polling = false;
             loop {
                 if let Some(request) = consumer.pop() {
+                    if std::mem::take(&mut polling) {
+                        ring.poll_hits.increment();
+                    }
                     self.handle(request);
                     idle_since = Instant::now();
                 } else if stop.is_requested() {
                     return Ok(());
                 } else if idle_since.elapsed() < self.poll {
+                    polling = true;
                     std::hint::spin_loop();
                 } else if consumer.prepare_to_sleep() {
+                    if polling {
+                        ring.poll_misses.increment();
+                    }
                     break;
                 }
             }
+            ring.sleeps.increment();
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(ready) => ready,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -277,6 +319,7 @@ impl Server {
             for event in &events[..ready] {
                 match event.data() {
                     WAKEUP => {
+                        ring.wakeups.increment();
                         // Drains the counter; the ring is read in the next round either way.
                         let _ = port.wakeup().read();
                     }
