@@ -9,9 +9,11 @@
 //! Checks, per request: a synchronous request from a vCPU the bridge has an entry for is
 //! answered exactly once, a posted one never; the identification registers read what
 //! virtio-mmio says they hold. The server and its devices live for the whole process (one
-//! set of worker threads, not one per input); each input starts and ends with a device reset
-//! of every device, which must quiesce them, so inputs do not leak state into each other.
+//! set of worker threads, not one per input); each input ends with a device reset of every
+//! device, which must quiesce them, so inputs do not leak state into each other, and starts on
+//! freshly written RAM.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -36,6 +38,8 @@ const RAM_SIZE: usize = 0x4000;
 /// Device windows: rng, blk, console.
 const WINDOWS: [(u64, u32); 3] = [(0x1000_0000, 4), (0x1000_1000, 2), (0x1000_2000, 3)];
 const WINDOW_LEN: u64 = 0x200;
+/// Bytes of the blk device's image.
+const DISK_SIZE: u64 = 1 << 16;
 
 /// hvisor's side of the bridge, in this process: the page, the zone RAM memfd, the wake-up.
 struct FuzzPort {
@@ -68,6 +72,10 @@ struct Rig {
     port: Arc<FuzzPort>,
     /// The harness's own mapping of the zone RAM.
     ram: GuestMemoryMmap,
+    /// The blk device's image.
+    disk: std::fs::File,
+    /// An input started and has not reset the devices yet.
+    dirty: bool,
     _files: tempfile::TempDir,
 }
 
@@ -105,13 +113,13 @@ fn config_text(disk: &Path, console: &Path) -> String {
 impl Rig {
     fn new() -> Self {
         let files = tempfile::tempdir().expect("temporary directory");
-        let disk: PathBuf = files.path().join("disk.img");
-        std::fs::File::create(&disk)
-            .and_then(|file| file.set_len(1 << 16))
-            .expect("disk image");
+        let disk_path: PathBuf = files.path().join("disk.img");
+        let disk = std::fs::File::create(&disk_path).expect("disk image");
+        disk.set_len(DISK_SIZE).expect("disk image");
         let console = files.path().join("console.sock");
-        let config = VirtioConfig::parse(&config_text(&disk, &console), Path::new("fuzz.json"))
-            .expect("the rig's configuration");
+        let config =
+            VirtioConfig::parse(&config_text(&disk_path, &console), Path::new("fuzz.json"))
+                .expect("the rig's configuration");
         let ram = Arc::new(memfd(RAM_SIZE as u64).expect("zone RAM"));
         let port = Arc::new(FuzzPort {
             bridge: Box::default(),
@@ -131,6 +139,8 @@ impl Rig {
             server,
             port,
             ram: GuestMemoryMmap::from_regions(vec![region]).expect("one region"),
+            disk,
+            dirty: true,
             _files: files,
         }
     }
@@ -225,23 +235,53 @@ fn rig() -> &'static Mutex<Rig> {
 }
 
 pub fn mmio(data: &[u8]) {
-    let Some((len, rest)) = data.split_first_chunk::<2>() else {
-        return;
-    };
+    run(data, None);
+}
+
+/// What an input did, for tests: a digest of the values its synchronous register reads
+/// returned, except InterruptStatus and Status, which show how far the queue workers got (a
+/// matter of timing); `None` for an input too short to be one.
+pub fn digest(data: &[u8]) -> Option<u64> {
+    let mut answers = Vec::new();
+    run(data, Some(&mut answers))?;
+    let mut hasher = DefaultHasher::new();
+    answers.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+fn run(data: &[u8], mut answers: Option<&mut Vec<(u64, u64)>>) -> Option<()> {
+    let (len, rest) = data.split_first_chunk::<2>()?;
     let image_len = usize::from(u16::from_le_bytes(*len)).min(rest.len());
     let (image, requests) = rest.split_at(image_len);
     let mut rig = rig()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    rig.reset_all();
-    let mut ram = vec![0u8; RAM_SIZE];
-    ram[..image.len().min(RAM_SIZE)].copy_from_slice(&image[..image.len().min(RAM_SIZE)]);
+    // Every input ends with a reset; one that did not get there (it panicked) is made up for.
+    if rig.dirty {
+        rig.reset_all();
+    }
+    rig.dirty = true;
+    // All of RAM rewritten: the image, then zeroes over whatever an earlier input left.
+    static ZEROES: [u8; RAM_SIZE] = [0; RAM_SIZE];
+    let image = &image[..image.len().min(RAM_SIZE)];
     rig.ram
-        .write_slice(&ram, GuestAddress(0))
+        .write_slice(image, GuestAddress(0))
         .expect("zone RAM");
+    if image.len() < RAM_SIZE {
+        rig.ram
+            .write_slice(&ZEROES[image.len()..], GuestAddress(image.len() as u64))
+            .expect("zone RAM");
+    }
     for bytes in requests.chunks_exact(REQUEST_LEN) {
         let request = decode(bytes.try_into().expect("REQUEST_LEN bytes"));
         let answer = rig.serve(request);
+        if let (Some(answers), Some(value), false) = (&mut answers, answer, request.is_write) {
+            let register = request.address % 0x1000;
+            let timing = |start: u64| (start..start + 4).contains(&register);
+            if !timing(reg::INTERRUPT_STATUS) && !timing(reg::STATUS) {
+                answers.push((request.address, value));
+            }
+        }
         let window = WINDOWS.iter().find(|(base, _)| {
             request.src_zone == ZONE
                 && request.address >= *base
@@ -265,4 +305,11 @@ pub fn mmio(data: &[u8]) {
         }
     }
     rig.reset_all();
+    // The disk zeroed (cut to nothing and grown again) now that no worker uses it.
+    rig.disk
+        .set_len(0)
+        .and_then(|()| rig.disk.set_len(DISK_SIZE))
+        .expect("zeroing the disk");
+    rig.dirty = false;
+    Some(())
 }

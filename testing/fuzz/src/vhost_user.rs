@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use hvisor_vhost_blk::{BlkBackend, BlkConfig, IoEngine};
 use hvisor_vhost_core::stop::StopSignal;
@@ -175,6 +175,35 @@ fn check_replies(replies: &[u8], requests: &[Message]) {
     );
 }
 
+/// Work for one of the frontend's threads.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that runs the jobs it is sent, one after the other, for the whole process:
+/// starting two threads for every input took most of the target's time.
+fn job_thread(name: &str) -> Mutex<mpsc::Sender<Job>> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || queue.into_iter().for_each(|job| job()))
+        .expect("frontend thread");
+    Mutex::new(jobs)
+}
+
+/// The frontend's two threads: one sends the messages, one reads the replies, so neither
+/// side can block the other however many replies there are.
+fn frontend_threads() -> &'static [Mutex<mpsc::Sender<Job>>; 2] {
+    static THREADS: OnceLock<[Mutex<mpsc::Sender<Job>>; 2]> = OnceLock::new();
+    THREADS.get_or_init(|| [job_thread("fuzz-sender"), job_thread("fuzz-reader")])
+}
+
+fn run_on(thread: &Mutex<mpsc::Sender<Job>>, job: Job) {
+    thread
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send(job)
+        .expect("frontend thread alive");
+}
+
 pub fn vhost_user(data: &[u8]) {
     let Some((len, rest)) = data.split_first_chunk::<2>() else {
         return;
@@ -184,18 +213,33 @@ pub fn vhost_user(data: &[u8]) {
     let daemon = daemon();
     let ram = memfd(image);
     let (frontend, daemon_end) = UnixStream::pair().expect("socket pair");
-    let replies = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
+    let [sender, reader] = frontend_threads();
+    let (replies_tx, replies_rx) = mpsc::channel();
+    let reader_end = frontend.try_clone().expect("duplicate");
+    run_on(
+        reader,
+        Box::new(move || {
             let mut replies = Vec::new();
             // Until the daemon closes its end (a reset connection counts as closed).
-            let _ = (&frontend).read_to_end(&mut replies);
-            replies
-        });
-        scope.spawn(|| send_all(&frontend, &requests, &ram));
-        // A connection the device could not take is the daemon's to log, as the serving
-        // loop does; the harness only needs it to end.
-        let _ = serve_frontend("fuzz-blk", &daemon.backend, daemon_end, &daemon.stop);
-        reader.join().expect("reply reader")
-    });
+            let _ = (&reader_end).read_to_end(&mut replies);
+            let _ = replies_tx.send(replies);
+        }),
+    );
+    let (sent_tx, sent_rx) = mpsc::channel();
+    let message_bytes = rest.to_vec();
+    run_on(
+        sender,
+        Box::new(move || {
+            send_all(&frontend, &messages(&message_bytes), &ram);
+            // The frontend's end closes here, once everything is sent.
+            drop(frontend);
+            let _ = sent_tx.send(());
+        }),
+    );
+    // A connection the device could not take is the daemon's to log, as the serving loop
+    // does; the harness only needs it to end.
+    let _ = serve_frontend("fuzz-blk", &daemon.backend, daemon_end, &daemon.stop);
+    let replies = replies_rx.recv().expect("reply reader");
+    sent_rx.recv().expect("message sender");
     check_replies(&replies, &requests);
 }
