@@ -29,8 +29,8 @@ pub enum Command {
     /// Serve hvisor zones from the virtio_bridge ring, in place of `hvisor virtio start`.
     Hvisor(HvisorArgs),
     /// Play hvisor's side for a daemon started with --hypervisor-socket, and drive every
-    /// configured device like a guest would (to try the hvisor path without hvisor).
-    #[cfg(feature = "simulator")]
+    /// configured device like a guest would (to try the hvisor path without hvisor). Needs a
+    /// build with `--features simulator`.
     Simulate(SimulateArgs),
 }
 
@@ -110,7 +110,6 @@ pub struct HvisorArgs {
     pub counters_file: Option<PathBuf>,
 }
 
-#[cfg(feature = "simulator")]
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The virtio_cfg.json the daemon serves.

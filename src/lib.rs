@@ -41,7 +41,6 @@ pub enum Error {
     Port(#[from] PortError),
     #[error(transparent)]
     CountersFile(#[from] counters::CountersFileError),
-    #[cfg(feature = "simulator")]
     #[error("simulator: {0}")]
     Simulator(String),
 }
@@ -66,7 +65,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             serve_on_socket(&settings.socket, DeviceSettings::Rng(settings.device))
         }
         Command::Hvisor(args) => serve_hvisor(&args),
-        #[cfg(feature = "simulator")]
         Command::Simulate(args) => simulate(&args),
     }
 }
@@ -178,4 +176,14 @@ pub fn simulate(args: &cli::SimulateArgs) -> Result<(), Error> {
     let result = hvisor_sim::guest::exercise_all(&simulator, &config, args.rounds);
     simulator.detach();
     result.map_err(|error| Error::Simulator(error.to_string()))
+}
+
+/// A board build has no simulator; say how to get one rather than fail as an unknown command.
+#[cfg(not(feature = "simulator"))]
+pub fn simulate(_: &cli::SimulateArgs) -> Result<(), Error> {
+    Err(Error::Simulator(
+        "this build leaves the simulator out; build with `cargo build --release --features \
+         simulator`"
+            .to_owned(),
+    ))
 }

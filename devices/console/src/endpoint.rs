@@ -5,10 +5,11 @@ use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use hvisor_vhost_core::socket::{ListenError, listen_at};
 use log::info;
 
 /// What a PTY reports before anyone sets its size; the size hvisor-tool's daemon announces.
@@ -23,14 +24,14 @@ pub enum EndpointError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot listen on console socket {path}: {source}")]
-    Listen {
+    #[error("console socket: {0}")]
+    Listen(#[from] ListenError),
+    #[error("cannot make console socket {path} non-blocking: {source}")]
+    NonBlocking {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("console socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
     #[error("cannot set up stdin/stdout: {0}")]
     Stdio(io::Error),
 }
@@ -179,20 +180,13 @@ pub struct SocketServer {
 impl SocketServer {
     /// Listens on `path`, replacing a stale socket file but never any other file.
     pub fn bind(path: &Path) -> Result<Self, EndpointError> {
-        let listen_error = |source| EndpointError::Listen {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(metadata) if metadata.file_type().is_socket() => {
-                std::fs::remove_file(path).map_err(listen_error)?;
-            }
-            Ok(_) => return Err(EndpointError::NotASocket(path.to_owned())),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => return Err(listen_error(error)),
-        }
-        let listener = UnixListener::bind(path).map_err(listen_error)?;
-        listener.set_nonblocking(true).map_err(listen_error)?;
+        let listener = listen_at(path)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| EndpointError::NonBlocking {
+                path: path.to_owned(),
+                source,
+            })?;
         info!("console on socket {}", path.display());
         Ok(SocketServer {
             listener,

@@ -100,6 +100,7 @@ pub mod exit;
 pub mod inflight;
 pub mod log_limit;
 pub mod queue;
+pub mod socket;
 pub mod stop;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

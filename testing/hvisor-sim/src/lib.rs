@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -254,8 +254,7 @@ impl Simulator {
 
     /// Waits for one daemon on `path` and attaches it.
     pub fn listen_and_attach(self: &Arc<Self>, path: &Path) -> io::Result<()> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let listener = hvisor_vhost_core::socket::listen_at(path).map_err(io::Error::other)?;
         let (stream, _) = listener.accept()?;
         self.attach(stream)
     }

@@ -24,6 +24,7 @@ use crate::inflight_relay::InflightRelay;
 use crate::memory_backing::FaultWatch;
 use hvisor_vhost_core::exit::WorkerExitEvents;
 use hvisor_vhost_core::queue::QueueFault;
+use hvisor_vhost_core::socket::{ListenError, listen_at};
 use hvisor_vhost_core::stop::{Closer, StopSignal};
 use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 use log::{debug, error, info, warn};
@@ -35,11 +36,8 @@ use vmm_sys_util::epoll::EventSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on socket {path}: {source}")]
-    Listen {
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot register the device's own events: {0}")]
     Events(io::Error),
     #[error("waiting for a frontend on {path}: {source}")]
@@ -374,10 +372,7 @@ where
     B: VhostUserBackend<Bitmap = ()> + VirtioDevice + Clone + 'static,
     B::Vring: Clone + Send + Sync,
 {
-    let listener = Listener::new(socket_path, true).map_err(|source| ServeError::Listen {
-        path: socket_path.to_owned(),
-        source,
-    })?;
+    let listener = Listener::from(listen_at(socket_path)?);
     let fault_name = name.to_owned();
     backend.set_fault_handler(Arc::new(move |fault: &QueueFault| {
         warn!(
