@@ -108,8 +108,9 @@ _gt_backend_spawn() {
   [ -n "$pid" ] || gt_die "backend $name: could not start the wrapper"
   GT_BE_PID[$name]=$pid
   for ((i = 0; i < GT_BACKEND_TIMEOUT * 20; i++)); do
-    # bind() creates the file just before listen(): wait until the socket listens.
-    if [ -n "$(ss -xlH src "$sock" 2>/dev/null)" ]; then return 0; fi
+    # bind() creates the file just before listen(): wait until the socket listens (flag
+    # 00010000), as seen from the backend's network namespace (the net case has its own).
+    if grep -q " 00010000 .* $sock\$" "/proc/$pid/net/unix" 2>/dev/null; then return 0; fi
     if ! kill -0 "$pid" 2>/dev/null; then
       { wait "${GT_BE_WRAP[$name]}"; } 2>/dev/null && i=0 || i=$?
       GT_BE_PID[$name]=
