@@ -16,7 +16,7 @@ use hvisor_sim::{SimOptions, Simulator};
 use hvisor_transport::abi::DeviceRes;
 use hvisor_transport::config::VirtioConfig;
 use hvisor_transport::mmio::reg;
-use hvisor_transport::remote::{DEFAULT_QUEUE_SIZE, RECONNECT_WINDOW};
+use hvisor_transport::remote::{DEFAULT_QUEUE_SIZE, RECONNECT_WINDOW, REPLY_TIMEOUT};
 use support::daemon::Daemon;
 use support::hvisor::*;
 use virtio_guest_driver::Buffer;
@@ -235,6 +235,82 @@ fn a_backend_that_comes_back_gets_its_rings_where_they_were() -> TestResult {
         "hung up",
         "reconnecting"
     ]));
+    Ok(rig.stop()?)
+}
+
+/// A backend that stops answering (SIGSTOP) is cut off after the reply timeout: the access
+/// waiting on it is answered, and once the backend runs again it is reconnected with its ring.
+#[test]
+fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("paused.sock"), image(dir.path())?);
+    let backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2}),
+        false,
+    );
+    let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
+    write_and_verify(&mut blk, &image, 0, 1)?;
+    backend.signal(libc::SIGSTOP);
+    let mmio = rig.mmio(EXTERNAL, 0);
+    let asked = Instant::now();
+    assert_eq!(
+        mmio.read_sized(reg::CONFIG, 8)?,
+        0,
+        "a config read the backend does not answer"
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited >= REPLY_TIMEOUT && waited < REPLY_TIMEOUT + Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+    backend.signal(libc::SIGCONT);
+    write_and_verify(&mut blk, &image, 8, 2)?;
+    assert_eq!(mmio.read_sized(reg::CONFIG, 8)?, IMAGE_SIZE / SECTOR);
+    assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
+    assert!(logged(&[
+        "paused.sock",
+        "GET_CONFIG failed",
+        "no answer within 2s"
+    ]));
+    Ok(rig.stop()?)
+}
+
+/// A ring the backend refuses (larger than it takes) sets DEVICE_NEEDS_RESET with the
+/// connection kept: after the driver's reset a ring it takes works.
+#[test]
+fn a_refused_ring_sets_needs_reset_and_keeps_the_connection() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("refusing.sock"), image(dir.path())?);
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    // `hvisor-vhost blk` takes rings of up to 256 entries.
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2, "queue_size": 512}),
+        false,
+    );
+    let mmio = rig.mmio(EXTERNAL, 0);
+    mmio.initialize(VIRTIO_F_VERSION_1)?;
+    mmio.write(reg::QUEUE_SEL, 0)?;
+    assert_eq!(mmio.read(reg::QUEUE_NUM_MAX)?, 512);
+    mmio.setup_queue(0, 512, area(0))?;
+    assert_eq!(
+        mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET,
+        STATUS_NEEDS_RESET
+    );
+    let interrupt = rig.sim.wait_interrupt(TIMEOUT).ok_or("no interrupt")?;
+    assert_eq!(interrupt.irq_id, EXTERNAL.irq);
+    assert_eq!(mmio.acknowledge_interrupt()?, INT_CONFIG);
+    assert!(logged(&[
+        "zone1-vhost-user0@0xa003c00",
+        "refusing.sock refused SET_VRING_NUM",
+        "DEVICE_NEEDS_RESET set"
+    ]));
+    let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 256)?;
+    write_and_verify(&mut blk, &image, 0, 5)?;
+    assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
+    assert!(!logged(&["refusing.sock", "reconnecting"]));
     Ok(rig.stop()?)
 }
 
