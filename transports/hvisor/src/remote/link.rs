@@ -488,3 +488,93 @@ pub(super) fn vring_config(
         log_addr: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+    /// Regions of `size` bytes at `starts`, each backed by its own part of one file.
+    fn file_backed(starts: &[u64], size: usize) -> (std::fs::File, GuestMemoryMmap) {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len((starts.len() * size) as u64).unwrap();
+        let regions = starts
+            .iter()
+            .enumerate()
+            .map(|(n, &start)| {
+                let offset = FileOffset::new(file.try_clone().unwrap(), (n * size) as u64);
+                GuestRegionMmap::from_range(GuestAddress(start), size, Some(offset)).unwrap()
+            })
+            .collect();
+        (file, GuestMemoryMmap::from_regions(regions).unwrap())
+    }
+
+    #[test]
+    fn the_memory_table_gives_each_region_its_file_offset_and_address() {
+        let (_file, memory) = file_backed(&[0x5000_0000, 0x9000_0000], 0x10000);
+        let table = memory_table(&memory).unwrap();
+        assert_eq!(table.len(), 2);
+        for (n, (entry, region)) in table.iter().zip(memory.iter()).enumerate() {
+            assert_eq!(entry.guest_phys_addr, region.start_addr().0);
+            assert_eq!(entry.memory_size, 0x10000);
+            assert_eq!(entry.mmap_offset, n as u64 * 0x10000);
+            assert_eq!(entry.userspace_addr, region.as_ptr() as u64);
+            assert!(entry.mmap_handle >= 0);
+        }
+    }
+
+    #[test]
+    fn memory_a_backend_cannot_map_is_refused() {
+        let anonymous =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0x4000_0000), 0x10000)]).unwrap();
+        let Err(error) = memory_table(&anonymous) else {
+            panic!("anonymous memory shared")
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("zone RAM at 0x40000000 cannot be shared"),
+            "{error}"
+        );
+        let starts: Vec<u64> = (0..9).map(|n| 0x4000_0000 + n * 0x10000).collect();
+        let (_file, nine) = file_backed(&starts, 0x10000);
+        let Err(error) = memory_table(&nine) else {
+            panic!("nine regions shared")
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("zone RAM has 9 regions; at most 8"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn ring_addresses_are_given_in_this_process_and_within_one_region() {
+        // Two regions adjacent in guest memory, apart in this process.
+        let (_file, memory) = file_backed(&[0x5000_0000, 0x5001_0000], 0x10000);
+        let queue = QueueRegisters {
+            num: 16,
+            ready: false,
+            desc: 0x5000_1000,
+            avail: 0x5000_2000,
+            used: 0x5001_3000,
+        };
+        let config = vring_config(&memory, &queue).unwrap();
+        let host = |gpa: u64| memory.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        assert_eq!(config.desc_table_addr, host(0x5000_1000));
+        assert_eq!(config.avail_ring_addr, host(0x5000_2000));
+        assert_eq!(config.used_ring_addr, host(0x5001_3000));
+        assert_eq!((config.queue_size, config.flags), (16, 0));
+        // A descriptor table that runs from the first region into the second.
+        let spanning = QueueRegisters {
+            desc: 0x5000_ff80,
+            ..queue
+        };
+        let Err(error) = vring_config(&memory, &spanning) else {
+            panic!("a ring across two regions accepted")
+        };
+        assert!(
+            error.contains("at 0x5000ff80 spans two zone RAM regions"),
+            "{error}"
+        );
+    }
+}
