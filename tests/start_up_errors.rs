@@ -244,37 +244,6 @@ fn a_socket_path_that_is_not_a_socket_is_left_alone() {
     );
 }
 
-/// The socket path appears only once the daemon accepts on it: a frontend that connects the
-/// moment the file is there is never refused.
-#[test]
-fn the_socket_path_appears_only_once_it_accepts_connections() {
-    for attempt in 0..50 {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let socket = dir.path().join("rng.sock");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hvisor-vhost"));
-        command.arg("rng").arg("--socket-path").arg(&socket);
-        let mut daemon = Daemon::spawn(command, &dir.path().join("daemon.log"));
-        let first_answer = loop {
-            match std::os::unix::net::UnixStream::connect(&socket) {
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    assert!(
-                        daemon.wait_exit(Duration::ZERO).is_none(),
-                        "the daemon exited:\n{}",
-                        daemon.log()
-                    );
-                }
-                answer => break answer,
-            }
-        };
-        if let Err(error) = first_answer {
-            panic!(
-                "attempt {attempt}: {} exists but refused: {error}",
-                socket.display()
-            );
-        }
-    }
-}
-
 /// A device served by an external vhost-user backend fails the start when its backend is not
 /// there, before the hand-off, naming the device and the socket.
 #[test]

@@ -108,7 +108,8 @@ _gt_backend_spawn() {
   [ -n "$pid" ] || gt_die "backend $name: could not start the wrapper"
   GT_BE_PID[$name]=$pid
   for ((i = 0; i < GT_BACKEND_TIMEOUT * 20; i++)); do
-    if [ -S "$sock" ]; then sleep 0.2; return 0; fi   # short grace: bind() creates the file before listen()
+    # bind() creates the file just before listen(): wait until the socket listens.
+    if [ -n "$(ss -xlH src "$sock" 2>/dev/null)" ]; then return 0; fi
     if ! kill -0 "$pid" 2>/dev/null; then
       { wait "${GT_BE_WRAP[$name]}"; } 2>/dev/null && i=0 || i=$?
       GT_BE_PID[$name]=

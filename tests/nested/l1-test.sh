@@ -9,6 +9,8 @@ ok() { echo "ok: L1: $*"; }
 fail() { echo "FAIL: L1: $*"; F=$((F + 1)); }
 info() { echo "info: L1: $*"; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+# `bind` creates a socket file just before `listen` runs: wait for the listening flag.
+listening() { grep -q " 00010000 .* $1\$" /proc/net/unix; }
 since() { awk -v a="$1" -v b="$(uptime_s)" 'BEGIN{printf "%.1f", b-a}'; }
 disk() { # SERIAL -> /dev/vdX
   for d in /sys/block/vd*; do [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && echo "/dev/${d##*/}"; done
@@ -73,7 +75,7 @@ timeout "$RUN_TIMEOUT" $STANDIN --config /tmp/virtio_cfg.json --socket /tmp/hv.s
   --cmdline "$L2ARGS nested.mode=full nested.netsha=$NETSHA" 2>&1 &
 SI=$!
 # The stand-in listens first; the daemon connects like to any hypervisor socket.
-i=0; while [ ! -S /tmp/hv.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+i=0; while ! listening /tmp/hv.sock && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 RUST_LOG=warn $B/hvisor-vhost hvisor --config /tmp/virtio_cfg.json --hypervisor-socket /tmp/hv.sock > /tmp/daemon.log 2>&1 &
 finish_run $SI $! "one zone"
 info "one-zone run took $(since "$T0") s (L1 clock)"
@@ -112,7 +114,7 @@ T0=$(uptime_s)
 timeout "$RUN_TIMEOUT" $STANDIN --config /tmp/zones.json --socket /tmp/hv2.sock \
   --cmdline "$L2ARGS nested.mode=zones nested.zone={zone}" --zone 1:1,2 --zone 2:3 2>&1 &
 SI=$!
-i=0; while [ ! -S /tmp/hv2.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+i=0; while ! listening /tmp/hv2.sock && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 RUST_LOG=warn $B/hvisor-vhost hvisor --config /tmp/zones.json --hypervisor-socket /tmp/hv2.sock > /tmp/daemon2.log 2>&1 &
 DAEMON=$!
 # Start both zones' I/O together: release the console payloads once both guests are ready.

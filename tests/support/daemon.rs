@@ -93,11 +93,12 @@ impl Daemon {
         (daemon, socket)
     }
 
-    /// Waits up to `timeout` for `path` to exist (e.g. a socket the daemon
-    /// binds once it is ready). Panics if the daemon exits or time runs out.
+    /// Waits up to `timeout` for `path` to exist and, for a socket, to accept connections
+    /// (`bind` creates the file just before `listen` runs). Panics if the daemon exits or time
+    /// runs out.
     pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !path.exists() {
+        while !path.exists() || (is_socket(path) && !is_listening(path)) {
             if let Some(status) = self.child.try_wait().expect("waiting for the daemon") {
                 panic!(
                     "daemon exited with {status} before creating {}",
@@ -151,4 +152,22 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_socket())
+}
+
+/// Whether `/proc/net/unix` lists a socket bound to `path` with `__SO_ACCEPTCON` (listening).
+fn is_listening(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[3] == ACCEPTING && fields[7] == path
+    })
 }

@@ -37,7 +37,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Parser, Debug)]
 #[command(
     about = "A/B benchmark of hvisor ring daemons through the simulator's hypervisor side",
-    after_help = "Example:\n  ring-bench \\\n    --daemon 'ours: target/release/hvisor-vhost hvisor --hypervisor-socket {SOCKET} --config {CONFIG}' \\\n    --daemon 'c: env HVISOR_SHIM_SOCKET={SOCKET} LD_PRELOAD=target/release/libdevhvisor_shim.so /work/ext/hvisor-tool/hvisor virtio start {CONFIG}'"
+    after_help = "Example:\n  ring-bench \\\n    --daemon 'ours: target/release/hvisor-vhost hvisor --hypervisor-socket {SOCKET} --config {CONFIG}' \\\n    --daemon 'c: env HVISOR_SHIM_SOCKET={SOCKET} LD_PRELOAD=$PWD/target/release/libdevhvisor_shim.so /work/ext/hvisor-tool/build/hvisor-virtio virtio start {CONFIG}'"
 )]
 struct Args {
     /// A daemon: `[LABEL: ]COMMAND`, run by `sh -c "exec COMMAND"` with {CONFIG} and {SOCKET}

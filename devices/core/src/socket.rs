@@ -1,6 +1,5 @@
 //! Listening sockets that frontends and users connect to by path.
 
-use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -18,42 +17,25 @@ pub enum ListenError {
     },
 }
 
-/// Listens on `path` such that the path appears only once it accepts connections: the socket
-/// is bound under a staging name beside it and renamed into place, because `bind` creates the
-/// file before `listen` runs and a client connecting in between would be refused. A stale
-/// socket at the path is replaced; anything else there (a disk image given by mistake, say)
-/// is refused rather than deleted.
+/// Listens on `path`. A stale socket at the path is replaced; anything else there (a disk image
+/// given by mistake, say) is refused rather than deleted. The socket keeps `path` as its own
+/// name, so `ss -x` and `/proc/net/unix` show it; a client that wants to connect the moment it
+/// exists waits until `/proc/net/unix` lists it as listening (flag `00010000`), because `bind`
+/// creates the file just before `listen` runs.
 pub fn listen_at(path: &Path) -> Result<UnixListener, ListenError> {
     let io_error = |source| ListenError::Io {
         path: path.to_owned(),
         source,
     };
     match std::fs::symlink_metadata(path) {
-        Ok(existing) if !existing.file_type().is_socket() => {
-            return Err(ListenError::NotASocket(path.to_owned()));
+        Ok(existing) if existing.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(io_error)?;
         }
-        Ok(_) => {}
+        Ok(_) => return Err(ListenError::NotASocket(path.to_owned())),
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => return Err(io_error(error)),
     }
-    let file_name = path.file_name().ok_or_else(|| {
-        io_error(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path has no file name",
-        ))
-    })?;
-    let mut staging_name = OsString::from(".");
-    staging_name.push(file_name);
-    staging_name.push(format!(".{}", std::process::id()));
-    let staging = path.with_file_name(staging_name);
-    // Left behind by a killed process that had the same pid, it would fail the bind.
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging).map_err(io_error)?;
-    if let Err(error) = std::fs::rename(&staging, path) {
-        let _ = std::fs::remove_file(&staging);
-        return Err(io_error(error));
-    }
-    Ok(listener)
+    UnixListener::bind(path).map_err(io_error)
 }
 
 #[cfg(test)]
@@ -69,8 +51,6 @@ mod tests {
         let listener = listen_at(&path).unwrap();
         UnixStream::connect(&path).expect("connects to the new socket");
         listener.accept().expect("the connection arrived");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "a staging file was left: {leftovers:?}");
     }
 
     #[test]

@@ -173,13 +173,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<Vec<_>, _>>()?;
     let bridge = Arc::new(bridge::Bridge::new(bridge::eventfd()?)?);
 
-    // Bound under another name and renamed: a daemon started as soon as the path exists must
-    // not find it before `listen` ran.
-    let staging = socket.with_extension("binding");
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging)
-        .and_then(|listener| std::fs::rename(&staging, &socket).map(|()| listener))
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     for zone in &zones {
         eprintln!(
             "[standin] zone {}: {} RAM window(s), {} device(s), vCPUs on physical CPUs {:?}",
