@@ -253,6 +253,9 @@ fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
     let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
     write_and_verify(&mut blk, &image, 0, 1)?;
     backend.signal(libc::SIGSTOP);
+    wait_until("the backend to stop", || {
+        Ok(all_threads_stopped(backend.pid()))
+    })?;
     let mmio = rig.mmio(EXTERNAL, 0);
     let asked = Instant::now();
     assert_eq!(
@@ -266,8 +269,11 @@ fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
         "answered after {waited:?}"
     );
     backend.signal(libc::SIGCONT);
+    // Config reads are answered 0 at once while the daemon reconnects.
+    wait_until("the reconnection", || {
+        Ok(mmio.read_sized(reg::CONFIG, 8)? == IMAGE_SIZE / SECTOR)
+    })?;
     write_and_verify(&mut blk, &image, 8, 2)?;
-    assert_eq!(mmio.read_sized(reg::CONFIG, 8)?, IMAGE_SIZE / SECTOR);
     assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
     assert!(logged(&[
         "paused.sock",
@@ -453,6 +459,21 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
         "{log}"
     );
     Ok(())
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`):
+/// `kill` returns before the threads of a process sent SIGSTOP have all stopped.
+fn all_threads_stopped(pid: libc::pid_t) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
 }
 
 /// [`wait_until`] with its own bound.
