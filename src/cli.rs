@@ -26,7 +26,9 @@ pub enum Command {
     Console(ConsoleArgs),
     /// Serve a virtio-rng entropy device to a vhost-user frontend (e.g. vhost-user-rng-pci).
     Rng(RngArgs),
-    /// Serve hvisor zones from the virtio_bridge ring, in place of `hvisor virtio start`.
+    /// Serve hvisor zones from the virtio_bridge ring, in place of `hvisor virtio start`. A
+    /// device whose entry names a vhost-user backend's "socket" is served by that backend,
+    /// which must be listening when the daemon starts.
     Hvisor(HvisorArgs),
     /// Play hvisor's side for a daemon started with --hypervisor-socket, and drive every
     /// configured device like a guest would (to try the hvisor path without hvisor). Needs a

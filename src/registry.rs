@@ -5,11 +5,16 @@
 //!
 //! Adding a device: its crate, an arm in each `match` of this file, its command-line
 //! arguments and its JSON fields.
+//!
+//! A `virtio_cfg.json` entry served by a vhost-user backend in another process
+//! (`DeviceKind::VhostUser`) has no device here: [`open_hvisor_devices`] connects to that
+//! backend instead, and the hvisor transport is its vhost-user frontend.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use hvisor_transport::config::{DeviceConfig, DeviceKind};
+use hvisor_transport::remote::RemoteBackend;
 use hvisor_vhost_blk::{Backing, BlkBackend, BlkConfig, Storage};
 use hvisor_vhost_console::{BackendConfig, ConsoleBackend, ConsoleConfig};
 use hvisor_vhost_core::VirtioDevice;
@@ -98,6 +103,13 @@ impl DeviceSettings {
                 }
                 .validate()?,
             ),
+            DeviceKind::VhostUser(backend) => {
+                return Err(format!(
+                    "served by the vhost-user backend at {}, not by a device of this process",
+                    backend.socket.display()
+                )
+                .into());
+            }
         })
     }
 }
@@ -197,6 +209,11 @@ pub fn open_hvisor_devices(
     config: &hvisor_transport::config::VirtioConfig,
 ) -> Result<Vec<hvisor_transport::devices::OpenDevice>, hvisor_transport::devices::DeviceError> {
     hvisor_transport::devices::open_all(config, |name, device| {
+        if let DeviceKind::VhostUser(backend) = &device.kind {
+            let remote = RemoteBackend::connect(name, backend)?;
+            info!("{name}: {}", remote.describe());
+            return Ok(Box::new(remote));
+        }
         let opened =
             DeviceSettings::from_hvisor(device).and_then(|settings| Device::open(&settings))?;
         if let Some(pty) = opened.pty_path() {

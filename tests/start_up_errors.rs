@@ -243,3 +243,94 @@ fn a_socket_path_that_is_not_a_socket_is_left_alone() {
         b"data the user wants to keep"
     );
 }
+
+/// A device served by an external vhost-user backend fails the start when its backend is not
+/// there, before the hand-off, naming the device and the socket.
+#[test]
+fn a_missing_external_backend_is_named_before_the_hand_off() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let backend = dir.path().join("absent.sock");
+    let config = config_with(
+        dir.path(),
+        json!({"type": "vhost-user", "socket": backend, "device_id": 26}),
+    );
+    let socket = dir.path().join("hv.sock");
+    let listener = UnixListener::bind(&socket).expect("binding the hypervisor socket");
+    listener.set_nonblocking(true).expect("non-blocking accept");
+    let (status, log) = run(dir.path(), &hvisor_args(&config, &socket));
+    assert_one_error(
+        status,
+        &log,
+        &[
+            "zone1-vhost-user0@0xa003c00",
+            &format!("vhost-user backend at {}", backend.display()),
+            "cannot connect",
+        ],
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the daemon attached to the hypervisor before connecting to its backends"
+    );
+}
+
+/// A backend that takes the connection but never answers fails the start within the reply
+/// timeout, naming the message it did not answer.
+#[test]
+fn a_silent_external_backend_fails_the_start_within_the_reply_timeout() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let backend = dir.path().join("silent.sock");
+    // Connections wait in the backlog; nothing ever answers them.
+    let _silent = UnixListener::bind(&backend).expect("binding the backend socket");
+    let config = config_with(
+        dir.path(),
+        json!({"type": "blk", "img": "unused.img", "socket": backend}),
+    );
+    let started = std::time::Instant::now();
+    let (status, log) = run(
+        dir.path(),
+        &hvisor_args(&config, &dir.path().join("hv.sock")),
+    );
+    assert_one_error(
+        status,
+        &log,
+        &[
+            "zone1-blk0@0xa003c00",
+            &format!("vhost-user backend at {}", backend.display()),
+            "GET_FEATURES failed",
+            "no answer within 2s",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// hvisor-tool's gpu and scmi entries need a backend named by "socket"; the error says so.
+#[test]
+fn gpu_and_scmi_entries_without_a_backend_say_what_they_need() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for device in [
+        json!({"type": "gpu", "width": 1280, "height": 800}),
+        json!({"type": "scmi", "clock_ids": [0], "allowed_list": []}),
+    ] {
+        let type_name = device["type"].as_str().expect("a type").to_owned();
+        let config = config_with(dir.path(), device);
+        let (status, log) = run(
+            dir.path(),
+            &hvisor_args(&config, &dir.path().join("hv.sock")),
+        );
+        assert_one_error(
+            status,
+            &log,
+            &[
+                "zones[0] (zone id 1), devices[0], field \"socket\"",
+                &format!(
+                    "a \"{type_name}\" device needs an external vhost-user backend given by \
+                     \"socket\""
+                ),
+            ],
+        );
+    }
+}

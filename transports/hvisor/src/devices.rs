@@ -12,7 +12,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use super::config::{DeviceConfig, VirtioConfig};
 use super::counters::DeviceCounters;
 use super::interrupt::{Injector, InterruptLine};
-use super::mmio::{MmioDevice, MmioRegisters};
+use super::local::LocalDevice;
+use super::mmio::{DeviceSide, MmioDevice, MmioRegisters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -34,6 +35,22 @@ pub struct Started {
     pub registers: Box<dyn MmioRegisters>,
     pub line: Arc<InterruptLine>,
     pub counters: Arc<DeviceCounters>,
+}
+
+impl Started {
+    /// `side` behind virtio-mmio registers, its rings in `memory`.
+    pub fn new<D: DeviceSide + 'static>(
+        name: String,
+        side: D,
+        memory: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Self {
+        let device = MmioDevice::new(name, side, memory);
+        Started {
+            line: device.line().clone(),
+            counters: device.counters().clone(),
+            registers: Box::new(device),
+        }
+    }
 }
 
 /// A name for log lines: zone, type, position in the zone's list and base address.
@@ -70,13 +87,13 @@ where
         line: (u32, u32),
         injector: Arc<Injector>,
     ) -> Result<Started, DeviceError> {
-        let device = MmioDevice::new(name.clone(), *self, memory, line, injector)
-            .map_err(|source| DeviceError::Start { name, source })?;
-        Ok(Started {
-            line: device.line().clone(),
-            counters: device.counters().clone(),
-            registers: Box::new(device),
-        })
+        let side = LocalDevice::new(name.clone(), *self, memory.clone(), line, injector).map_err(
+            |source| DeviceError::Start {
+                name: name.clone(),
+                source,
+            },
+        )?;
+        Ok(Started::new(name, side, memory))
     }
 }
 

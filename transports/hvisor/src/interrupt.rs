@@ -180,12 +180,23 @@ impl LineState {
     }
 }
 
+/// Who reads a line's call eventfds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallReader {
+    /// The worker of each queue, right after the device's `handle_event` returns
+    /// ([`InterruptLine::queue_signalled`]): a device in this process.
+    QueueWorkers,
+    /// The interrupt thread, which waits on them: a device in another process signals them.
+    InterruptThread,
+}
+
 /// One device's interrupt line into its zone, with the eventfds that ask for its interrupts.
 ///
-/// A queue's call eventfd is read by the queue's worker right after the device's
-/// `handle_event` returns ([`Self::queue_signalled`]), so a completion becomes an interrupt on
-/// the thread that completed it, without waking another thread. The interrupt thread watches
-/// what comes from elsewhere: the configuration-change eventfd and `recheck`.
+/// For a device in this process, a queue's call eventfd is read by the queue's worker right
+/// after the device's `handle_event` returns ([`Self::queue_signalled`]), so a completion
+/// becomes an interrupt on the thread that completed it, without waking another thread. The
+/// interrupt thread watches what comes from elsewhere: the configuration-change eventfd,
+/// `recheck`, and the call eventfds of a device in another process ([`CallReader`]).
 pub struct InterruptLine {
     zone: u32,
     irq: u32,
@@ -198,6 +209,7 @@ pub struct InterruptLine {
     /// buffers when the driver stops a queue): the interrupt thread then reads every queue's
     /// call eventfd.
     recheck: EventFd,
+    calls_read_by: CallReader,
     state: Mutex<LineState>,
     counters: Arc<DeviceCounters>,
 }
@@ -208,6 +220,7 @@ impl InterruptLine {
         irq: u32,
         injector: Arc<Injector>,
         calls: Vec<EventFd>,
+        calls_read_by: CallReader,
         config_change: EventFd,
         counters: Arc<DeviceCounters>,
     ) -> std::io::Result<Self> {
@@ -222,6 +235,7 @@ impl InterruptLine {
             injector,
             signals,
             recheck: EventFd::new(EFD_NONBLOCK)?,
+            calls_read_by,
             state: Mutex::new(LineState::default()),
             counters,
         })
@@ -233,22 +247,27 @@ impl InterruptLine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The eventfds the interrupt thread waits on: the configuration-change one and
-    /// `recheck`, in that order.
-    pub fn interrupt_thread_signals(&self) -> [RawFd; 2] {
-        let config_change = self.signals.last().map(|(signal, _)| signal.as_raw_fd());
-        [
-            config_change.expect("a line has its configuration-change signal"),
-            self.recheck.as_raw_fd(),
-        ]
+    /// The eventfds the interrupt thread waits on: the configuration-change one, `recheck`,
+    /// then, if it reads them, each queue's call eventfd, in that order.
+    pub fn interrupt_thread_signals(&self) -> Vec<RawFd> {
+        let (config_change, calls) = self
+            .signals
+            .split_last()
+            .expect("a line has its configuration-change signal");
+        let mut signals = vec![config_change.0.as_raw_fd(), self.recheck.as_raw_fd()];
+        if self.calls_read_by == CallReader::InterruptThread {
+            signals.extend(calls.iter().map(|(call, _)| call.as_raw_fd()));
+        }
+        signals
     }
 
     /// The interrupt thread saw signal `index` of [`Self::interrupt_thread_signals`].
     pub fn interrupt_thread_signalled(&self, index: usize) {
         let queues = self.signals.len() - 1;
-        if index == 0 {
-            self.signalled(queues);
-            return;
+        match index {
+            0 => return self.signalled(queues),
+            1 => {}
+            call => return self.signalled(call - 2),
         }
         // Drained first: a recheck asked for meanwhile comes round again.
         let _ = self.recheck.read();

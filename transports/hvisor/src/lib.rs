@@ -6,7 +6,8 @@
 //! - [`port`]: `/dev/hvisor`, or a hypervisor in another process ([`handoff`]);
 //! - [`config`]: hvisor-tool's `virtio_cfg.json`;
 //! - [`server`]: the request loop, which [`poll`] tells when to poll; [`mmio`]: the register
-//!   file; [`interrupt`]: IRQ delivery;
+//!   file, in front of a backend of this process ([`local`]) or of a vhost-user backend in
+//!   another one ([`remote`]); [`interrupt`]: IRQ delivery;
 //!   [`counters`]: what each of them counts, read as one snapshot;
 //! - [`devices`]: the devices of the configuration, opened before the hand-off and started
 //!   behind virtio-mmio once zone RAM is mapped.
@@ -22,7 +23,9 @@ pub mod devices;
 mod file_kind;
 pub mod handoff;
 pub mod interrupt;
+pub mod local;
 pub mod mmio;
 pub mod poll;
 pub mod port;
+pub mod remote;
 pub mod server;

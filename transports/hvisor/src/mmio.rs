@@ -1,45 +1,42 @@
-//! virtio-mmio version 2 (virtio 1.2, section 4.2.2) in front of any `VhostUserBackend`.
+//! virtio-mmio version 2 (virtio 1.2, section 4.2.2): the register file, in front of whatever
+//! serves the device (a [`DeviceSide`]): a backend in this process ([`super::local`]) or a
+//! vhost-user backend in another one ([`super::remote`]).
 //!
-//! The register file runs on the request-loop thread. It builds one `VringRwLock` per queue
-//! from the register values, negotiates features through the backend, and runs the backend's
-//! `handle_event` on worker threads the way vhost-user-backend does (one thread per
-//! `queues_per_thread` mask). QueueNotify writes the queue's kick eventfd; the backend's
-//! signal on the call eventfd becomes INT_VRING and an interrupt (see [`super::interrupt`]).
+//! The register file runs on the request-loop thread. It keeps the registers, checks what the
+//! driver writes, and tells the device side only what passed: features at FEATURES_OK, a
+//! queue whose rings lie in zone RAM at QueueReady, DRIVER_OK, notifies, config accesses and
+//! resets.
 //!
 //! Compared with hvisor-tool's C daemon: feature words are assigned and cleared on reset,
 //! QueueSel is bounds checked, queue sizes are validated, address halves are stored without
 //! OR-ing stale bits, config accesses are bounded and masked to their size, and config
 //! writes reach the device.
 //!
-//! A queue the device stopped because the driver broke its ring (an avail index more than the
-//! ring's size ahead) sets DEVICE_NEEDS_RESET in Status with one configuration-change
-//! interrupt (virtio 1.2, 2.1.2); the bit stays set until the driver resets the device.
+//! A device that can no longer serve (a queue whose ring the driver broke, a vhost-user
+//! backend that failed) sets DEVICE_NEEDS_RESET in Status with one configuration-change
+//! interrupt (virtio 1.2, 2.1.2) through its [`NeedsReset`]; the bit stays set until the
+//! driver resets the device.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{debug, error, info, warn};
+use log::{debug, error, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_ADMIN_VQ, VIRTIO_F_NOTIF_CONFIG_DATA,
+    VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_SR_IOV,
+    VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use hvisor_vhost_core::log_limit::LogLimiter;
-use hvisor_vhost_core::queue::{FaultHandler, QueueFault};
-use hvisor_vhost_core::{EventRegistry, VirtioDevice};
 
 use super::counters::DeviceCounters;
-use super::interrupt::{Injector, InterruptLine};
+use super::interrupt::InterruptLine;
 
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION: u32 = 2;
@@ -77,26 +74,50 @@ pub mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
-/// Feature bits that belong to vhost-user, not to virtio, and are never offered here.
-const TRANSPORT_ONLY_FEATURES: u64 =
-    VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | 1 << VIRTIO_F_ACCESS_PLATFORM;
+/// Feature bits never offered to the driver, whatever the device side offers: vhost-user's own
+/// bits, and virtio features this register file does not implement (no IOMMU, split rings
+/// only, QueueNotify carries only the queue index, no queue reset registers, no admin or SR-IOV
+/// functions).
+pub const NOT_OFFERED: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    | VhostUserVirtioFeatures::LOG_ALL.bits()
+    | 1 << VIRTIO_F_ACCESS_PLATFORM
+    | 1 << VIRTIO_F_RING_PACKED
+    | 1 << VIRTIO_F_SR_IOV
+    | 1 << VIRTIO_F_NOTIFICATION_DATA
+    | 1 << VIRTIO_F_NOTIF_CONFIG_DATA
+    | 1 << VIRTIO_F_RING_RESET
+    | 1 << VIRTIO_F_ADMIN_VQ;
 
-/// A device's registers, as the request loop sees them (type-erased over the backend).
+/// A device's registers, as the request loop sees them (type-erased over the device side).
 pub trait MmioRegisters: Send {
     /// Reads `size` bytes at `offset` into the window; the value is masked to `size`.
     fn read(&mut self, offset: u64, size: u8) -> u64;
     fn write(&mut self, offset: u64, size: u8, value: u64);
-    /// Stops the worker threads after their current batch.
+    /// Stops the device's threads after their current batch.
     fn shutdown(&mut self);
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct QueueRegisters {
-    num: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
+/// One queue's registers as the driver wrote them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRegisters {
+    pub num: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+impl QueueRegisters {
+    /// The guest-physical range of each ring of a split queue of `num` entries: descriptor
+    /// table, available ring (with used_event) and used ring (with avail_event).
+    pub fn ring_ranges(&self) -> [(GuestAddress, usize); 3] {
+        let num = usize::from(self.num);
+        [
+            (GuestAddress(self.desc), 16 * num),
+            (GuestAddress(self.avail), 6 + 2 * num),
+            (GuestAddress(self.used), 6 + 8 * num),
+        ]
+    }
 }
 
 fn set_low(target: &mut u64, value: u32) {
@@ -114,30 +135,108 @@ fn size_mask(size: u8) -> u64 {
     }
 }
 
-/// One virtio-mmio device serving `backend`.
-pub struct MmioDevice<B>
-where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
-{
+/// A device's DEVICE_NEEDS_RESET bit and the configuration-change signal that tells the driver
+/// (INT_CONFIG, through the interrupt thread, so whoever raises it never waits for room in the
+/// result ring).
+pub struct NeedsReset {
+    set: AtomicBool,
+    config_change: EventFd,
+}
+
+impl NeedsReset {
+    /// `config_change` is (a duplicate of) the device's interrupt line's
+    /// configuration-change eventfd.
+    pub fn new(config_change: EventFd) -> Self {
+        NeedsReset {
+            set: AtomicBool::new(false),
+            config_change,
+        }
+    }
+
+    /// Sets the bit and signals the configuration change, once until the next reset; logs
+    /// `why` for `name` the first time. Returns whether this call set it.
+    pub fn raise(&self, name: &str, why: std::fmt::Arguments) -> bool {
+        // Relaxed: the driver learns of the bit through INT_CONFIG, which the interrupt thread
+        // raises only after reading the eventfd written below (the kernel orders the two), and
+        // the line's lock orders INT_CONFIG before the driver's Status read.
+        if self.set.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        warn!("{name}: {why}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
+        if let Err(error) = self.config_change.write(1) {
+            error!("{name}: cannot signal the configuration change: {error}");
+        }
+        true
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+    }
+
+    /// Device reset, once nothing that raises the bit runs any more; the interrupt line's reset
+    /// that follows drops a configuration-change signal still pending.
+    pub fn clear(&self) {
+        self.set.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What serves a device behind the register file. Everything here runs on the request-loop
+/// thread, so a call must not wait long: a vCPU spins until its access is answered.
+pub trait DeviceSide: Send {
+    /// The virtio device id in the DeviceID register.
+    fn device_id(&self) -> u32;
+    /// The features the device offers; [`NOT_OFFERED`] is removed before the driver sees them.
+    fn features(&self) -> u64;
+    fn num_queues(&self) -> usize;
+    /// QueueNumMax of every queue.
+    fn max_queue_size(&self) -> u16;
+    /// The device's interrupt line, whose InterruptStatus the registers show.
+    fn line(&self) -> &Arc<InterruptLine>;
+    fn needs_reset(&self) -> &NeedsReset;
+    fn counters(&self) -> &Arc<DeviceCounters>;
+    /// `size` bytes of config space at `offset`, little endian; an error is answered 0.
+    fn read_config(&mut self, offset: u32, size: u8) -> Result<u64, String>;
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), String>;
+    /// FEATURES_OK with `features`, which are a subset of the offered ones and include
+    /// VERSION_1.
+    fn accept_features(&mut self, features: u64);
+    /// QueueReady for `index`, whose rings lie in zone RAM, aligned, with a valid size.
+    /// `driver_features` as written so far; `live`: DRIVER_OK is set, so the queue may be used
+    /// at once. An error refuses the queue (QueueReady stays 0) and says why.
+    fn enable_queue(
+        &mut self,
+        index: usize,
+        queue: QueueRegisters,
+        driver_features: u64,
+        live: bool,
+    ) -> Result<(), String>;
+    /// Stops queue `index` (QueueReady 0, or a reset, which stops every queue); `was_ready`
+    /// whether the driver had made it ready.
+    fn disable_queue(&mut self, index: usize, was_ready: bool);
+    /// DRIVER_OK: ready queue `index` goes live and serves what the driver made available.
+    fn start_queue(&mut self, index: usize);
+    /// QueueNotify for a live queue.
+    fn kick(&self, index: usize);
+    /// Device reset, after every queue was stopped: the device forgets its features and state
+    /// and clears DEVICE_NEEDS_RESET.
+    fn reset(&mut self);
+    /// Stops the device's threads after their current batch.
+    fn shutdown(&mut self);
+}
+
+/// One virtio-mmio device: the registers in front of `side`.
+pub struct MmioDevice<D: DeviceSide> {
     name: String,
-    device_id: u32,
-    backend: B,
+    side: D,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
-    vrings: Vec<VringRwLock>,
-    kicks: Vec<Arc<EventFd>>,
-    line: Arc<InterruptLine>,
-    workers: Vec<(EventFd, JoinHandle<()>)>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<QueueRegisters>,
     status: u32,
-    /// DEVICE_NEEDS_RESET, set from a worker thread by [`needs_reset_on_fault`].
-    needs_reset: Arc<AtomicBool>,
     config_generation: u32,
     mistakes: GuestMistakes,
-    counters: Arc<DeviceCounters>,
 }
 
 /// Mistakes a driver can repeat at will: each kind is logged at most once a second per device.
@@ -145,6 +244,7 @@ struct GuestMistakes {
     early_notify: LogLimiter,
     notify: LogLimiter,
     status: LogLimiter,
+    config: LogLimiter,
 }
 
 impl GuestMistakes {
@@ -154,164 +254,46 @@ impl GuestMistakes {
             early_notify: limiter(),
             notify: limiter(),
             status: limiter(),
+            config: limiter(),
         }
     }
 }
 
-/// Sets DEVICE_NEEDS_RESET and signals a configuration change (INT_CONFIG, through the
-/// interrupt thread, so the worker never waits for room in the result ring) on the first fault
-/// since the last reset.
-///
-/// Runs on the queue's worker, inside its batch: a reset waits for that batch (`stop_vring`)
-/// before it clears the bit and drains the signal with the line's others, so no stale
-/// configuration-change interrupt follows the reset.
-fn needs_reset_on_fault(
-    name: String,
-    needs_reset: Arc<AtomicBool>,
-    config_change: EventFd,
-) -> FaultHandler {
-    Arc::new(move |fault: &QueueFault| {
-        // Relaxed: the driver learns of the bit through INT_CONFIG, which the interrupt thread
-        // raises only after reading the eventfd written below (the kernel orders the two), and
-        // the line's lock orders INT_CONFIG before the driver's Status read.
-        if needs_reset.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        warn!("{name}: {fault}: DEVICE_NEEDS_RESET set, configuration-change interrupt sent");
-        if let Err(error) = config_change.write(1) {
-            error!("{name}: cannot signal the configuration change: {error}");
-        }
-    })
-}
-
-impl<B> MmioDevice<B>
-where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
-{
-    /// Sets up the queues, their interrupt line (`irq` of `zone`) and the worker threads.
-    pub fn new(
-        name: String,
-        backend: B,
-        memory: GuestMemoryAtomic<GuestMemoryMmap>,
-        (zone, irq): (u32, u32),
-        injector: Arc<Injector>,
-    ) -> std::io::Result<Self> {
-        backend.update_memory(memory.clone())?;
-        let num_queues = backend.num_queues();
-        let max_size = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
-        let mut vrings = Vec::new();
-        let mut kicks = Vec::new();
-        let mut calls = Vec::new();
-        for _ in 0..num_queues {
-            let vring =
-                VringRwLock::new(memory.clone(), max_size).map_err(std::io::Error::other)?;
-            let call = EventFd::new(EFD_NONBLOCK)?;
-            // SAFETY: the descriptor is a fresh duplicate that the File alone owns.
-            let call_for_vring =
-                unsafe { std::fs::File::from_raw_fd(call.try_clone()?.into_raw_fd()) };
-            vring.set_call(Some(call_for_vring));
-            vrings.push(vring);
-            kicks.push(Arc::new(EventFd::new(EFD_NONBLOCK)?));
-            calls.push(call);
-        }
-        let counters = Arc::new(DeviceCounters::new(
-            num_queues,
-            backend.queues_per_thread().len(),
-        ));
-        backend.count_chains(counters.queues.clone())?;
-        let needs_reset = Arc::new(AtomicBool::new(false));
-        let config_change = EventFd::new(EFD_NONBLOCK)?;
-        backend.set_fault_handler(needs_reset_on_fault(
-            name.clone(),
-            needs_reset.clone(),
-            config_change.try_clone()?,
-        ));
-        let mut device = MmioDevice {
+impl<D: DeviceSide> MmioDevice<D> {
+    /// The registers of `side`, whose queues' rings must lie in `memory`.
+    pub fn new(name: String, side: D, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        let num_queues = side.num_queues();
+        MmioDevice {
             name,
-            device_id: backend.device_type(),
-            backend,
+            side,
             memory,
-            vrings,
-            kicks,
-            line: Arc::new(InterruptLine::new(
-                zone,
-                irq,
-                injector,
-                calls,
-                config_change,
-                counters.clone(),
-            )?),
-            workers: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
             queues: vec![QueueRegisters::default(); num_queues],
             status: 0,
-            needs_reset,
             config_generation: 0,
             mistakes: GuestMistakes::new(),
-            counters,
-        };
-        device.start_workers()?;
-        Ok(device)
+        }
     }
 
-    /// The device's interrupt line, whose configuration-change signal the interrupt thread
-    /// watches.
+    /// The device's interrupt line, whose signals the interrupt thread watches.
     pub fn line(&self) -> &Arc<InterruptLine> {
-        &self.line
+        self.side.line()
     }
 
     pub fn counters(&self) -> &Arc<DeviceCounters> {
-        &self.counters
+        self.side.counters()
     }
 
     /// Counts a register access refused or ignored as the driver's mistake (each logged).
     fn refused(&self) {
-        self.counters.registers.refused.increment();
-    }
-
-    /// One thread per `queues_per_thread` mask, each waiting on the kicks of its queues.
-    fn start_workers(&mut self) -> std::io::Result<()> {
-        for (thread_id, mask) in self.backend.queues_per_thread().into_iter().enumerate() {
-            let queues: Vec<usize> = (0..self.vrings.len())
-                .filter(|&queue| mask >> queue & 1 == 1)
-                .collect();
-            let exit = EventFd::new(EFD_NONBLOCK)?;
-            let registry = Arc::new(WorkerRegistry {
-                epoll: Epoll::new()?,
-                num_queues: self.vrings.len() as u64,
-            });
-            let worker = QueueWorker {
-                name: self.name.clone(),
-                backend: self.backend.clone(),
-                thread_id,
-                vrings: queues
-                    .iter()
-                    .map(|&queue| self.vrings[queue].clone())
-                    .collect(),
-                kicks: queues
-                    .iter()
-                    .map(|&queue| self.kicks[queue].clone())
-                    .collect(),
-                line: self.line.clone(),
-                queues,
-                exit: exit.try_clone()?,
-                registry: registry.clone(),
-                counters: self.counters.clone(),
-            };
-            self.backend.attach_event_registry(thread_id, registry)?;
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-q{thread_id}", self.name))
-                .spawn(move || worker.run())?;
-            self.workers.push((exit, handle));
-        }
-        Ok(())
+        self.side.counters().registers.refused.increment();
     }
 
     fn offered_features(&self) -> u64 {
-        self.backend.features() & !TRANSPORT_ONLY_FEATURES
+        self.side.features() & !NOT_OFFERED
     }
 
     fn selected_queue(&self) -> Option<usize> {
@@ -319,30 +301,33 @@ where
         (index < self.queues.len()).then_some(index)
     }
 
-    fn config_read(&self, offset: u64, size: u8) -> u64 {
-        let Ok(offset) = u32::try_from(offset) else {
-            return 0;
-        };
-        let bytes = self.backend.get_config(offset, u32::from(size));
-        let mut value = [0u8; 8];
-        let len = bytes.len().min(usize::from(size));
-        value[..len].copy_from_slice(&bytes[..len]);
-        u64::from_le_bytes(value)
+    fn config_read(&mut self, offset: u64, size: u8) -> u64 {
+        let result = u32::try_from(offset)
+            .map_err(|_| "offset out of range".to_owned())
+            .and_then(|offset| self.side.read_config(offset, size));
+        result.unwrap_or_else(|error| {
+            self.refused();
+            self.mistakes.config.warn(format_args!(
+                "{}: config read of {size} bytes at {offset:#x} failed: {error}; answered 0",
+                self.name
+            ));
+            0
+        })
     }
 
     fn config_write(&mut self, offset: u64, size: u8, value: u64) {
         let bytes = value.to_le_bytes();
         let result = u32::try_from(offset)
-            .map_err(std::io::Error::other)
-            .and_then(|offset| self.backend.set_config(offset, &bytes[..usize::from(size)]));
+            .map_err(|_| "offset out of range".to_owned())
+            .and_then(|offset| self.side.write_config(offset, &bytes[..usize::from(size)]));
         match result {
             Ok(()) => self.config_generation = self.config_generation.wrapping_add(1),
             Err(error) => {
                 self.refused();
-                warn!(
+                self.mistakes.config.warn(format_args!(
                     "{}: config write of {size} bytes at {offset:#x} refused: {error}",
                     self.name
-                );
+                ));
             }
         }
     }
@@ -378,9 +363,7 @@ where
                 );
                 status &= !VIRTIO_CONFIG_S_FEATURES_OK;
             } else {
-                self.backend.acked_features(self.driver_features);
-                self.backend
-                    .set_event_idx(self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+                self.side.accept_features(self.driver_features);
                 debug!(
                     "{}: features {:#x} accepted",
                     self.name, self.driver_features
@@ -399,7 +382,13 @@ where
         let was_live = self.driver_ok();
         self.status = status;
         if !was_live && self.driver_ok() {
-            self.start_queues();
+            // The ready queues go live, so that buffers the driver made available before (and
+            // any notify it sent too early) are served now.
+            for index in 0..self.queues.len() {
+                if self.queues[index].ready {
+                    self.side.start_queue(index);
+                }
+            }
         }
     }
 
@@ -410,40 +399,20 @@ where
         self.status & live == live
     }
 
-    /// At DRIVER_OK: the ready queues go live, and each is kicked once, so that buffers the
-    /// driver made available before (and any notify it sent too early) are served now.
-    fn start_queues(&self) {
-        for (index, queue) in self.queues.iter().enumerate() {
-            if queue.ready {
-                self.vrings[index].set_enabled(true);
-                self.kick(index);
-            }
-        }
-    }
-
-    fn kick(&self, index: usize) {
-        log::trace!("{}: kick queue {index}", self.name);
-        if let Err(error) = self.kicks[index].write(1) {
-            error!("{}: kicking queue {index}: {error}", self.name);
-        }
-    }
-
     fn features_locked(&self) -> bool {
         self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
     }
 
-    /// Device reset (Status = 0): queues stopped and cleared (stopping a queue waits for its
-    /// worker's batch in flight), features forgotten, the backend reset, and then the interrupt
+    /// Device reset (Status = 0): queues stopped and cleared (stopping a queue waits for the
+    /// device's batch in flight), features forgotten, the device reset, and then the interrupt
     /// line cleaned: nothing the old driver caused reaches the guest after the reset.
     fn reset(&mut self) {
         for index in 0..self.queues.len() {
             self.disable_queue(index);
         }
         self.queues.fill(QueueRegisters::default());
-        self.backend.reset_device();
-        // After the queues stopped: their workers, the only ones to set it, are done.
-        self.needs_reset.store(false, Ordering::Relaxed);
-        self.line.reset();
+        self.side.reset();
+        self.side.line().reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -453,64 +422,49 @@ where
     }
 
     fn disable_queue(&mut self, index: usize) {
-        let vring = &self.vrings[index];
-        vring.set_enabled(false);
-        vring.set_queue_ready(false);
-        if let Err(error) = self.backend.stop_vring(index as u32) {
-            warn!("{}: stopping queue {index}: {error}", self.name);
-        }
-        // Stopping a live queue may have returned buffers (the console's pending transmit
-        // chain) and signalled them here rather than on the queue's worker.
-        if self.queues[index].ready {
-            self.line.request_recheck();
-        }
+        self.side.disable_queue(index, self.queues[index].ready);
         self.queues[index].ready = false;
+    }
+
+    /// Why the rings of `queue` cannot be used, if they cannot: a size that is not a power of
+    /// two up to QueueNumMax, misaligned addresses, or rings outside zone RAM.
+    fn check_rings(&self, queue: &QueueRegisters) -> Result<(), String> {
+        let max = self.side.max_queue_size();
+        let mut rings = Queue::new(max).map_err(|error| format!("{error:?}"))?;
+        rings
+            .try_set_size(queue.num)
+            .map_err(|_| format!("QueueNum {} is not a power of two in 1..={max}", queue.num))?;
+        rings
+            .try_set_desc_table_address(GuestAddress(queue.desc))
+            .and_then(|()| rings.try_set_avail_ring_address(GuestAddress(queue.avail)))
+            .and_then(|()| rings.try_set_used_ring_address(GuestAddress(queue.used)))
+            .map_err(|error| {
+                format!(
+                    "ring addresses desc {:#x} avail {:#x} used {:#x} are misaligned ({error:?})",
+                    queue.desc, queue.avail, queue.used
+                )
+            })?;
+        rings.set_ready(true);
+        if !rings.is_valid(&*self.memory.memory()) {
+            return Err(format!(
+                "rings of {} entries at desc {:#x} avail {:#x} used {:#x} are not inside zone RAM",
+                queue.num, queue.desc, queue.avail, queue.used
+            ));
+        }
+        Ok(())
     }
 
     fn enable_queue(&mut self, index: usize) {
         let registers = self.queues[index];
-        let max = self.backend.max_queue_size();
-        if registers.num == 0
-            || !registers.num.is_power_of_two()
-            || usize::from(registers.num) > max
-        {
+        let enabled = self.check_rings(&registers).and_then(|()| {
+            self.side
+                .enable_queue(index, registers, self.driver_features, self.driver_ok())
+        });
+        if let Err(why) = enabled {
             self.refused();
-            error!(
-                "{}: queue {index}: QueueNum {} is not a power of two in 1..={max}; QueueReady \
-                 refused",
-                self.name, registers.num
-            );
+            error!("{}: queue {index}: {why}; QueueReady refused", self.name);
             return;
         }
-        let vring = &self.vrings[index];
-        vring.set_queue_size(registers.num);
-        if let Err(error) = vring.set_queue_info(registers.desc, registers.avail, registers.used) {
-            self.refused();
-            error!(
-                "{}: queue {index}: ring addresses desc {:#x} avail {:#x} used {:#x} are \
-                 misaligned ({error:?}); QueueReady refused",
-                self.name, registers.desc, registers.avail, registers.used
-            );
-            return;
-        }
-        vring.set_queue_event_idx(self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        vring.set_queue_next_avail(0);
-        vring.set_queue_next_used(0);
-        vring.set_queue_ready(true);
-        let valid = vring.get_ref().get_queue().is_valid(&*self.memory.memory());
-        if !valid {
-            vring.set_queue_ready(false);
-            self.refused();
-            error!(
-                "{}: queue {index}: rings of {} entries at desc {:#x} avail {:#x} used {:#x} are \
-                 not inside zone RAM; QueueReady refused",
-                self.name, registers.num, registers.desc, registers.avail, registers.used
-            );
-            return;
-        }
-        // Live only from DRIVER_OK on; until then neither kicks nor the device's own events
-        // (input on a console or TAP) use the queue.
-        vring.set_enabled(self.driver_ok());
         self.queues[index].ready = true;
         debug!(
             "{}: queue {index} ready with {} entries",
@@ -522,8 +476,8 @@ where
         let index = usize::try_from(value).unwrap_or(usize::MAX);
         match self.queues.get(index) {
             Some(queue) if queue.ready && self.driver_ok() => {
-                self.counters.registers.notifies.increment();
-                self.kick(index);
+                self.side.counters().registers.notifies.increment();
+                self.side.kick(index);
             }
             Some(queue) if queue.ready => {
                 self.refused();
@@ -591,18 +545,18 @@ where
         Some(match offset {
             reg::MAGIC_VALUE => MAGIC_VALUE,
             reg::VERSION => VERSION,
-            reg::DEVICE_ID => self.device_id,
+            reg::DEVICE_ID => self.side.device_id(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => feature_word(self.offered_features(), self.device_features_sel),
             reg::DEVICE_FEATURES_SEL => self.device_features_sel,
             reg::DRIVER_FEATURES => feature_word(self.driver_features, self.driver_features_sel),
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel,
             reg::QUEUE_SEL => self.queue_sel,
-            reg::QUEUE_NUM_MAX => queue.map_or(0, |_| self.backend.max_queue_size() as u32),
+            reg::QUEUE_NUM_MAX => queue.map_or(0, |_| u32::from(self.side.max_queue_size())),
             reg::QUEUE_NUM => queue.map_or(0, |queue| u32::from(queue.num)),
             reg::QUEUE_READY => queue.map_or(0, |queue| u32::from(queue.ready)),
-            reg::INTERRUPT_STATUS => self.line.status(),
-            reg::STATUS if self.needs_reset.load(Ordering::Relaxed) => {
+            reg::INTERRUPT_STATUS => self.side.line().status(),
+            reg::STATUS if self.side.needs_reset().is_set() => {
                 self.status | VIRTIO_CONFIG_S_NEEDS_RESET
             }
             reg::STATUS => self.status,
@@ -651,7 +605,7 @@ where
             | reg::QUEUE_USED_LOW
             | reg::QUEUE_USED_HIGH => self.queue_register(offset, value),
             reg::QUEUE_NOTIFY => self.notify(u64::from(value)),
-            reg::INTERRUPT_ACK => self.line.acknowledge(value),
+            reg::INTERRUPT_ACK => self.side.line().acknowledge(value),
             reg::STATUS => self.set_status(value),
             reg::SHM_SEL => {}
             _ => return false,
@@ -660,12 +614,9 @@ where
     }
 }
 
-impl<B> MmioRegisters for MmioDevice<B>
-where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
-{
+impl<D: DeviceSide> MmioRegisters for MmioDevice<D> {
     fn read(&mut self, offset: u64, size: u8) -> u64 {
-        self.counters.registers.reads.increment();
+        self.side.counters().registers.reads.increment();
         if offset >= reg::CONFIG {
             return self.config_read(offset - reg::CONFIG, size) & size_mask(size);
         }
@@ -692,7 +643,7 @@ where
     }
 
     fn write(&mut self, offset: u64, size: u8, value: u64) {
-        self.counters.registers.writes.increment();
+        self.side.counters().registers.writes.increment();
         if offset >= reg::CONFIG {
             self.config_write(offset - reg::CONFIG, size, value & size_mask(size));
             return;
@@ -716,152 +667,7 @@ where
     }
 
     fn shutdown(&mut self) {
-        if self.workers.is_empty() {
-            return;
-        }
-        for (exit, handle) in self.workers.drain(..) {
-            if let Err(error) = exit.write(1) {
-                error!("{}: cannot stop a queue worker: {error}", self.name);
-                continue;
-            }
-            if handle.join().is_err() {
-                error!("{}: a queue worker panicked", self.name);
-            }
-        }
-        info!("{}: stopped", self.name);
-    }
-}
-
-impl<B> Drop for MmioDevice<B>
-where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()> + VirtioDevice + Clone + 'static,
-{
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// One worker thread's wait set, which the device may extend with its own descriptors.
-struct WorkerRegistry {
-    epoll: Epoll,
-    num_queues: u64,
-}
-
-impl WorkerRegistry {
-    fn control(
-        &self,
-        operation: ControlOperation,
-        fd: RawFd,
-        events: EventSet,
-        data: u64,
-    ) -> std::io::Result<()> {
-        // Lower values name queues and the exit event, as in vhost-user-backend.
-        if data <= self.num_queues {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        self.epoll.ctl(operation, fd, EpollEvent::new(events, data))
-    }
-}
-
-impl EventRegistry for WorkerRegistry {
-    fn register(&self, fd: RawFd, events: EventSet, data: u64) -> std::io::Result<()> {
-        self.control(ControlOperation::Add, fd, events, data)
-    }
-
-    fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> std::io::Result<()> {
-        self.control(ControlOperation::Delete, fd, events, data)
-    }
-}
-
-/// A worker thread: waits on its queues' kicks and the device's own descriptors, and runs the
-/// backend's `handle_event` for each.
-struct QueueWorker<B> {
-    name: String,
-    backend: B,
-    thread_id: usize,
-    vrings: Vec<VringRwLock>,
-    kicks: Vec<Arc<EventFd>>,
-    /// The device's interrupt line, and the device's indices of this thread's queues.
-    line: Arc<InterruptLine>,
-    queues: Vec<usize>,
-    exit: EventFd,
-    registry: Arc<WorkerRegistry>,
-    counters: Arc<DeviceCounters>,
-}
-
-impl<B> QueueWorker<B>
-where
-    B: VhostUserBackend<Vring = VringRwLock, Bitmap = ()>,
-{
-    fn run(self) {
-        if let Err(error) = self.serve() {
-            error!(
-                "{}: queue worker {} failed: {error}",
-                self.name, self.thread_id
-            );
-        }
-    }
-
-    fn serve(&self) -> std::io::Result<()> {
-        let epoll = &self.registry.epoll;
-        // Queue kicks use their position in this thread; the exit event uses `num_queues`,
-        // which devices may not use; device descriptors use values above it.
-        let exit_token = self.registry.num_queues;
-        for (position, kick) in self.kicks.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                kick.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, position as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            self.exit.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, exit_token),
-        )?;
-        let mut events = vec![EpollEvent::default(); 32];
-        let counters = &self.counters.workers[self.thread_id];
-        loop {
-            let ready = match epoll.wait(-1, &mut events) {
-                Ok(ready) => ready,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => return Err(error),
-            };
-            counters.wakeups.increment();
-            let mut exit = false;
-            for event in &events[..ready] {
-                let token = event.data();
-                if token == exit_token {
-                    exit = true;
-                    break;
-                }
-                if let Some(kick) = self.kicks.get(token as usize) {
-                    // Drained before serving, so a kick that arrives meanwhile wakes us again.
-                    let _ = kick.read();
-                    if !self.vrings[token as usize].get_ref().is_enabled() {
-                        continue;
-                    }
-                }
-                let Some(events) = EventSet::from_bits(event.events) else {
-                    continue;
-                };
-                if let Err(error) =
-                    self.backend
-                        .handle_event(token as u16, events, &self.vrings, self.thread_id)
-                {
-                    counters.event_errors.increment();
-                    error!("{}: event {token} failed: {error}", self.name);
-                }
-            }
-            // The interrupt for what the device just completed, raised by this thread rather
-            // than by waking another one.
-            for &queue in &self.queues {
-                self.line.queue_signalled(queue);
-            }
-            if exit {
-                return Ok(());
-            }
-        }
+        self.side.shutdown();
     }
 }
 
@@ -886,5 +692,24 @@ mod tests {
         assert_eq!(size_mask(2), 0xffff);
         assert_eq!(size_mask(4), 0xffff_ffff);
         assert_eq!(size_mask(8), u64::MAX);
+    }
+
+    #[test]
+    fn ring_ranges_follow_the_split_layout() {
+        let queue = QueueRegisters {
+            num: 64,
+            ready: false,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+        };
+        assert_eq!(
+            queue.ring_ranges(),
+            [
+                (GuestAddress(0x1000), 1024),
+                (GuestAddress(0x2000), 134),
+                (GuestAddress(0x3000), 518),
+            ]
+        );
     }
 }

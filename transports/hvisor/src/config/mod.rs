@@ -44,7 +44,14 @@ pub const MAX_SERIAL_LEN: usize = 20;
 /// Linux `IFNAMSIZ` is 16 including the terminating NUL; hvisor-tool rejects longer names too.
 pub const MAX_TAP_NAME_LEN: usize = 15;
 
-const SUPPORTED_TYPES: &str = "blk, net, console, rng";
+/// Queues of one device served by an external vhost-user backend (each has a kick and a call
+/// eventfd; vhost-user-backend serves at most 64 per device).
+pub const MAX_REMOTE_QUEUES: u16 = 64;
+/// The largest queue size of a split virtqueue (virtio 1.2, 2.7).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+const SUPPORTED_TYPES: &str =
+    "blk, net, console, rng, vhost-user; gpu and scmi with an external backend's \"socket\"";
 
 /// The whole daemon configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +118,26 @@ pub enum DeviceKind {
         source: Option<PathBuf>,
         rate_limit: Option<u64>,
     },
+    /// Our extension: served by a vhost-user backend in another process, this daemon being its
+    /// frontend. `"type": "vhost-user"` with `device_id`, or an entry of another type (but
+    /// console, whose `socket` is its own) with `socket`, the device id then coming from the
+    /// type; that type's own fields are the backend's business and not read.
+    VhostUser(ExternalBackend),
+}
+
+/// A device served by an external vhost-user backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalBackend {
+    /// The entry's `type`: `vhost-user`, or the type the backend serves (`blk`, `gpu`, ...).
+    pub type_name: &'static str,
+    /// Where the backend listens.
+    pub socket: PathBuf,
+    /// The virtio device id the DeviceID register shows.
+    pub device_id: u32,
+    /// QueueNumMax (a power of two); the backend must accept rings of this size.
+    pub queue_size: Option<u16>,
+    /// Queues presented; needed when the backend does not report its count (no MQ).
+    pub num_queues: Option<u16>,
 }
 
 impl DeviceKind {
@@ -121,6 +148,7 @@ impl DeviceKind {
             DeviceKind::Net { .. } => "net",
             DeviceKind::Console { .. } => "console",
             DeviceKind::Rng { .. } => "rng",
+            DeviceKind::VhostUser(backend) => backend.type_name,
         }
     }
 }
@@ -311,6 +339,25 @@ pub enum ConfigError {
     },
     #[error("{at}: unsupported device type {found:?} (supported: {SUPPORTED_TYPES})")]
     UnknownType { at: Location, found: String },
+    #[error(
+        "{at}: a {type_name:?} device needs an external vhost-user backend given by \"socket\" \
+         (the path of the backend's vhost-user socket); this daemon has no built-in {type_name}"
+    )]
+    NeedsBackend {
+        at: Location,
+        type_name: &'static str,
+    },
+    #[error("{at}: {value} is not a power of two from 1 to {max}")]
+    NotPowerOfTwo { at: Location, value: u64, max: u64 },
+    #[error(
+        "{at}: socket {} already serves {other}; a vhost-user backend serves one device",
+        socket.display()
+    )]
+    SharedSocket {
+        at: Location,
+        socket: Box<Path>,
+        other: String,
+    },
     #[error("{at}: MMIO window {window} overlaps devices[{other}] {other_window}")]
     DeviceOverlap {
         at: Location,

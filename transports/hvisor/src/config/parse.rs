@@ -98,6 +98,24 @@ enum KindTag {
     Net,
     Console,
     Rng,
+    /// A type only an external vhost-user backend serves, with its virtio device id.
+    ExternalOnly(u32),
+    VhostUser,
+}
+
+impl KindTag {
+    /// The virtio device id of a type (virtio 1.2, 5); `None` for `vhost-user`, whose entry
+    /// gives it.
+    fn device_id(self) -> Option<u32> {
+        match self {
+            KindTag::Net => Some(1),
+            KindTag::Blk => Some(2),
+            KindTag::Console => Some(3),
+            KindTag::Rng => Some(4),
+            KindTag::ExternalOnly(id) => Some(id),
+            KindTag::VhostUser => None,
+        }
+    }
 }
 
 /// Returns `None` for a disabled device.
@@ -114,11 +132,14 @@ pub(super) fn parse_device(
     if status == "disable" {
         return Ok(None);
     }
-    let tag = match type_name {
-        "blk" => KindTag::Blk,
-        "net" => KindTag::Net,
-        "console" => KindTag::Console,
-        "rng" => KindTag::Rng,
+    let (tag, type_name) = match type_name {
+        "blk" => (KindTag::Blk, "blk"),
+        "net" => (KindTag::Net, "net"),
+        "console" => (KindTag::Console, "console"),
+        "rng" => (KindTag::Rng, "rng"),
+        "gpu" => (KindTag::ExternalOnly(16), "gpu"),
+        "scmi" => (KindTag::ExternalOnly(32), "scmi"),
+        "vhost-user" => (KindTag::VhostUser, "vhost-user"),
         other => {
             return Err(ConfigError::UnknownType {
                 at: ctx.field("type"),
@@ -139,14 +160,32 @@ pub(super) fn parse_device(
     }
     end_fits(("addr", addr), ("len", len), ctx)?;
 
-    let kind = match tag {
-        KindTag::Blk => parse_blk(device, ctx)?,
-        KindTag::Net => parse_net(device, ctx)?,
-        KindTag::Console => DeviceKind::Console {
+    // A console's "socket" is where the built-in console serves; any other type's names the
+    // external backend that serves the device.
+    let socket = match tag {
+        KindTag::Console => None,
+        _ => optional_path(device, "socket", ctx)?,
+    };
+    let kind = match (tag, socket) {
+        (tag, Some(socket)) => parse_external(device, ctx, type_name, tag.device_id(), socket)?,
+        (KindTag::VhostUser, None) => {
+            return Err(ConfigError::Missing {
+                at: ctx.field("socket"),
+            });
+        }
+        (KindTag::ExternalOnly(_), None) => {
+            return Err(ConfigError::NeedsBackend {
+                at: ctx.field("socket"),
+                type_name,
+            });
+        }
+        (KindTag::Blk, None) => parse_blk(device, ctx)?,
+        (KindTag::Net, None) => parse_net(device, ctx)?,
+        (KindTag::Console, None) => DeviceKind::Console {
             socket: optional_path(device, "socket", ctx)?,
             log: optional_path(device, "log", ctx)?,
         },
-        KindTag::Rng => DeviceKind::Rng {
+        (KindTag::Rng, None) => DeviceKind::Rng {
             source: optional_path(device, "source", ctx)?,
             rate_limit: device
                 .get("rate_limit")
@@ -160,6 +199,72 @@ pub(super) fn parse_device(
         len,
         irq,
         kind,
+    }))
+}
+
+/// A device of `type_name` served by the vhost-user backend at `socket`; `device_id` comes
+/// from the type, or (for `vhost-user`) from the entry.
+fn parse_external(
+    device: &Map<String, Value>,
+    ctx: Ctx,
+    type_name: &'static str,
+    device_id: Option<u32>,
+    socket: PathBuf,
+) -> Result<DeviceKind, ConfigError> {
+    let device_id = match device_id {
+        Some(id) => id,
+        None => {
+            let id = unsigned(required(device, "device_id", ctx)?, u32::MAX, || {
+                ctx.field("device_id")
+            })?;
+            if id == 0 {
+                // Device id 0 is reserved: virtio-mmio drivers take it for "no device here".
+                return Err(ConfigError::Zero {
+                    at: ctx.field("device_id"),
+                });
+            }
+            id
+        }
+    };
+    let queue_size = device
+        .get("queue_size")
+        .map(|value| {
+            let size = unsigned(value, u16::MAX, || ctx.field("queue_size"))?;
+            if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+                return Err(ConfigError::NotPowerOfTwo {
+                    at: ctx.field("queue_size"),
+                    value: u64::from(size),
+                    max: u64::from(MAX_QUEUE_SIZE),
+                });
+            }
+            Ok(size)
+        })
+        .transpose()?;
+    let num_queues = device
+        .get("num_queues")
+        .map(|value| {
+            let count = unsigned(value, u16::MAX, || ctx.field("num_queues"))?;
+            if count == 0 {
+                return Err(ConfigError::Zero {
+                    at: ctx.field("num_queues"),
+                });
+            }
+            if count > MAX_REMOTE_QUEUES {
+                return Err(ConfigError::OutOfRange {
+                    at: ctx.field("num_queues"),
+                    text: count.to_string(),
+                    max: u64::from(MAX_REMOTE_QUEUES),
+                });
+            }
+            Ok(count)
+        })
+        .transpose()?;
+    Ok(DeviceKind::VhostUser(ExternalBackend {
+        type_name,
+        socket,
+        device_id,
+        queue_size,
+        num_queues,
     }))
 }
 

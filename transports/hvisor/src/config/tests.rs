@@ -64,6 +64,29 @@ fn remove(config: &mut Value, pointer: &str, key: &str) {
         .unwrap_or_else(|| panic!("no {pointer}/{key} in the test config"));
 }
 
+/// hvisor-tool's gpu entry (from its board examples), with no backend named.
+fn gpu_entry() -> Value {
+    json!({ "type": "gpu", "addr": "0xa003800", "len": "0x200", "irq": 76,
+            "status": "enable", "width": 1280, "height": 800 })
+}
+
+/// hvisor-tool's scmi entry (from its board examples), with no backend named.
+fn scmi_entry() -> Value {
+    json!({ "type": "scmi", "addr": "0x10000000", "len": "0x1000", "irq": 33,
+            "status": "enable", "clock_ids": [0, 1], "reset_ids": [2],
+            "allowed_list": [{ "id": 0, "name": "uart" }] })
+}
+
+/// Replaces devices[1] of zone 1 (the console) by a vhost-user device at the same place.
+fn vhost_user_at_1(config: &mut Value) {
+    set(
+        config,
+        "/zones/0/devices/1",
+        json!({ "type": "vhost-user", "addr": "0xa003800", "len": "0x200", "irq": 76,
+                "status": "enable", "socket": "/run/vfsd.sock", "device_id": 26 }),
+    );
+}
+
 fn rng_at(addr: u64) -> Value {
     json!({ "type": "rng", "addr": addr, "len": 0x200, "irq": 40, "status": "enable" })
 }
@@ -608,9 +631,135 @@ fn validation_cases() -> Vec<(&'static str, Edit, Vec<&'static str>, Check)> {
         ),
         (
             "unknown type",
-            |c| set(c, "/zones/0/devices/1/type", json!("gpu")),
-            vec!["devices[1], field \"type\"", "\"gpu\"", SUPPORTED_TYPES],
+            |c| set(c, "/zones/0/devices/1/type", json!("sound")),
+            vec!["devices[1], field \"type\"", "\"sound\"", SUPPORTED_TYPES],
             |e| matches!(e, ConfigError::UnknownType { .. }),
+        ),
+        (
+            "gpu without an external backend",
+            |c| set(c, "/zones/0/devices/1", gpu_entry()),
+            vec![
+                "zones[0] (zone id 1), devices[1], field \"socket\"",
+                "a \"gpu\" device needs an external vhost-user backend given by \"socket\"",
+            ],
+            |e| matches!(e, ConfigError::NeedsBackend { .. }),
+        ),
+        (
+            "scmi without an external backend",
+            |c| set(c, "/zones/1/devices/0", scmi_entry()),
+            vec![
+                "zones[1] (zone id 2), devices[0], field \"socket\"",
+                "a \"scmi\" device needs an external vhost-user backend given by \"socket\"",
+            ],
+            |e| matches!(e, ConfigError::NeedsBackend { .. }),
+        ),
+        (
+            "vhost-user without socket",
+            |c| {
+                vhost_user_at_1(c);
+                remove(c, "/zones/0/devices/1", "socket");
+            },
+            vec!["devices[1], field \"socket\"", "missing"],
+            |e| matches!(e, ConfigError::Missing { .. }),
+        ),
+        (
+            "vhost-user socket empty",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/socket", json!(""));
+            },
+            vec!["devices[1], field \"socket\"", "must not be empty"],
+            |e| matches!(e, ConfigError::Empty { .. }),
+        ),
+        (
+            "vhost-user without device_id",
+            |c| {
+                vhost_user_at_1(c);
+                remove(c, "/zones/0/devices/1", "device_id");
+            },
+            vec!["devices[1], field \"device_id\"", "missing"],
+            |e| matches!(e, ConfigError::Missing { .. }),
+        ),
+        (
+            "vhost-user device_id 0",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/device_id", json!(0));
+            },
+            vec!["devices[1], field \"device_id\"", "must not be 0"],
+            |e| matches!(e, ConfigError::Zero { .. }),
+        ),
+        (
+            "vhost-user device_id too large",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/device_id", json!(1u64 << 32));
+            },
+            vec!["devices[1], field \"device_id\"", "out of range"],
+            |e| matches!(e, ConfigError::OutOfRange { .. }),
+        ),
+        (
+            "vhost-user queue_size not a power of two",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/queue_size", json!(100));
+            },
+            vec![
+                "devices[1], field \"queue_size\"",
+                "100 is not a power of two from 1 to 32768",
+            ],
+            |e| matches!(e, ConfigError::NotPowerOfTwo { .. }),
+        ),
+        (
+            "vhost-user queue_size too large",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/queue_size", json!(65536));
+            },
+            vec!["devices[1], field \"queue_size\"", "out of range"],
+            |e| matches!(e, ConfigError::OutOfRange { .. }),
+        ),
+        (
+            "vhost-user num_queues 0",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/num_queues", json!(0));
+            },
+            vec!["devices[1], field \"num_queues\"", "must not be 0"],
+            |e| matches!(e, ConfigError::Zero { .. }),
+        ),
+        (
+            "vhost-user num_queues above the limit",
+            |c| {
+                vhost_user_at_1(c);
+                set(c, "/zones/0/devices/1/num_queues", json!(65));
+            },
+            vec![
+                "devices[1], field \"num_queues\"",
+                "65 is out of range, the maximum is 64",
+            ],
+            |e| matches!(e, ConfigError::OutOfRange { .. }),
+        ),
+        (
+            "a socket on a blk entry must be a string",
+            |c| set(c, "/zones/0/devices/0/socket", json!(5)),
+            vec![
+                "devices[0], field \"socket\"",
+                "expected a string, found a number",
+            ],
+            |e| matches!(e, ConfigError::WrongType { .. }),
+        ),
+        (
+            "two devices on one backend socket",
+            |c| {
+                set(c, "/zones/0/devices/0/socket", json!("/run/b.sock"));
+                set(c, "/zones/1/devices/0/socket", json!("/run/b.sock"));
+            },
+            vec![
+                "zones[1] (zone id 2), devices[0], field \"socket\"",
+                "socket /run/b.sock already serves zones[0] (zone id 1), devices[0]",
+            ],
+            |e| matches!(e, ConfigError::SharedSocket { .. }),
         ),
         (
             "addr missing",
@@ -820,6 +969,86 @@ fn validation_cases() -> Vec<(&'static str, Edit, Vec<&'static str>, Check)> {
             },
         ),
     ]
+}
+
+#[test]
+fn external_backends_serve_vhost_user_entries_and_any_type_with_a_socket() {
+    let mut config = base();
+    vhost_user_at_1(&mut config);
+    set(&mut config, "/zones/0/devices/1/queue_size", json!("0x100"));
+    set(&mut config, "/zones/0/devices/1/num_queues", json!(2));
+    // hvisor-tool's blk entry, served by an external backend: "img" is the backend's business.
+    set(
+        &mut config,
+        "/zones/0/devices/0/socket",
+        json!("/run/blk.sock"),
+    );
+    let mut gpu = gpu_entry();
+    set(&mut gpu, "/socket", json!("/run/gpu.sock"));
+    set(&mut gpu, "/addr", json!("0xa003400"));
+    let mut scmi = scmi_entry();
+    set(&mut scmi, "/socket", json!("/run/scmi.sock"));
+    config["zones"][0]["devices"]
+        .as_array_mut()
+        .unwrap()
+        .push(gpu);
+    set(&mut config, "/zones/1/devices/0", scmi);
+    let config = parse_value(&config).unwrap();
+    let external = |zone: usize, device: usize| match &config.zones[zone].devices[device].kind {
+        DeviceKind::VhostUser(backend) => backend.clone(),
+        other => panic!("zone {zone} device {device}: {other:?}"),
+    };
+    assert_eq!(
+        external(0, 1),
+        ExternalBackend {
+            type_name: "vhost-user",
+            socket: "/run/vfsd.sock".into(),
+            device_id: 26,
+            queue_size: Some(256),
+            num_queues: Some(2),
+        }
+    );
+    let blk = external(0, 0);
+    assert_eq!((blk.type_name, blk.device_id), ("blk", 2));
+    assert_eq!(blk.socket, Path::new("/run/blk.sock"));
+    assert_eq!((blk.queue_size, blk.num_queues), (None, None));
+    assert_eq!(config.zones[0].devices[0].kind.name(), "blk");
+    let gpu = external(0, 3);
+    assert_eq!((gpu.type_name, gpu.device_id), ("gpu", 16));
+    let scmi = external(1, 0);
+    assert_eq!((scmi.type_name, scmi.device_id), ("scmi", 32));
+    // A net entry with a socket is external too.
+    let mut config = base();
+    set(
+        &mut config,
+        "/zones/0/devices/2/socket",
+        json!("/run/net.sock"),
+    );
+    remove(&mut config, "/zones/0/devices/2", "tap");
+    let config = parse_value(&config).unwrap();
+    assert!(matches!(
+        &config.zones[0].devices[2].kind,
+        DeviceKind::VhostUser(ExternalBackend { device_id: 1, .. })
+    ));
+}
+
+/// A console's "socket" keeps its meaning: the built-in console serves that Unix socket.
+#[test]
+fn a_console_socket_is_the_console_endpoint() {
+    let mut config = base();
+    set(
+        &mut config,
+        "/zones/0/devices/1/socket",
+        json!("/tmp/console.sock"),
+    );
+    let config = parse_value(&config).unwrap();
+    assert_eq!(
+        config.zones[0].devices[1].kind,
+        DeviceKind::Console {
+            socket: Some("/tmp/console.sock".into()),
+            log: None,
+        }
+    );
 }
 
 #[test]

@@ -5,6 +5,8 @@ use super::*;
 /// Checks that need whole zones: overlaps and the global device limit.
 pub(super) fn validate(zones: &[ZoneConfig], ctx: Ctx) -> Result<(), ConfigError> {
     let mut enabled = 0;
+    // Each external backend's socket, with where it was first named.
+    let mut sockets: Vec<(&Path, String)> = Vec::new();
     for (zone_index, zone) in zones.iter().enumerate() {
         let ctx = ctx.in_zone(zone_index, Some(zone.id));
         let ram: Vec<Span> = zone
@@ -45,6 +47,20 @@ pub(super) fn validate(zones: &[ZoneConfig], ctx: Ctx) -> Result<(), ConfigError
                     other: other.index,
                     other_window: Span::new(other.addr, other.len),
                 });
+            }
+            if let DeviceKind::VhostUser(backend) = &device.kind {
+                if let Some((_, first)) = sockets.iter().find(|(s, _)| *s == backend.socket) {
+                    return Err(ConfigError::SharedSocket {
+                        at: ctx.field("socket"),
+                        socket: backend.socket.clone().into_boxed_path(),
+                        other: first.clone(),
+                    });
+                }
+                let entry = format!(
+                    "zones[{zone_index}] (zone id {}), devices[{}]",
+                    zone.id, device.index
+                );
+                sockets.push((&backend.socket, entry));
             }
             if let Some(region) = ram.iter().position(|&r| r.overlaps(window)) {
                 return Err(ConfigError::DeviceInRam {

@@ -1,0 +1,493 @@
+//! hvisor zones' devices served by vhost-user backends in other processes: the daemon is their
+//! vhost-user frontend. Our own `hvisor-vhost blk` and `hvisor-vhost rng` play the external
+//! backends; the simulator plays hvisor and a zone's driver. The data is checked where the
+//! backend keeps it (the image file, the entropy source), and a backend that dies is either
+//! reconnected with its rings where they were or reported to the driver as
+//! DEVICE_NEEDS_RESET, while the other devices go on serving.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hvisor_sim::guest::MmioGuest;
+use hvisor_sim::{SimOptions, Simulator};
+use hvisor_transport::abi::DeviceRes;
+use hvisor_transport::config::VirtioConfig;
+use hvisor_transport::mmio::reg;
+use hvisor_transport::remote::{DEFAULT_QUEUE_SIZE, RECONNECT_WINDOW, REPLY_TIMEOUT};
+use support::daemon::Daemon;
+use support::hvisor::*;
+use virtio_guest_driver::Buffer;
+use virtio_guest_driver::blk::Payload;
+use vm_memory::{Bytes, GuestAddress};
+
+const ZONE: u32 = 1;
+/// Where the external device sits, and a built-in one next to it.
+const EXTERNAL: BlkSpec = BlkSpec {
+    zone: ZONE,
+    addr: 0xa00_3c00,
+    irq: 78,
+};
+const BUILT_IN: BlkSpec = BlkSpec {
+    zone: ZONE,
+    addr: 0xa00_3800,
+    irq: 77,
+};
+const VIRTIO_ID_RNG: u32 = 4;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const INT_CONFIG: u32 = 2;
+const BINARY: &str = env!("CARGO_BIN_EXE_hvisor-vhost");
+
+/// `hvisor-vhost blk` serving `image` on `socket`, logging to `log`.
+fn blk_backend(socket: &Path, image: &Path, log: &Path) -> Daemon {
+    let mut command = Command::new(BINARY);
+    command
+        .arg("blk")
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(command, log);
+    daemon.wait_for_path(socket, TIMEOUT);
+    daemon
+}
+
+/// A zeroed image of [`IMAGE_SIZE`] bytes.
+fn image(dir: &Path) -> TestResult<PathBuf> {
+    let path = dir.join("external.img");
+    std::fs::File::create(&path)?.set_len(IMAGE_SIZE)?;
+    Ok(path)
+}
+
+/// A rig whose device at [`EXTERNAL`] is served by the backend on `socket` (entry fields
+/// `fields`, `socket` added), with a built-in blk at [`BUILT_IN`] if `built_in`.
+fn rig(socket: &Path, mut fields: serde_json::Value, built_in: bool) -> Rig {
+    fields["socket"] = serde_json::json!(socket);
+    Rig::start(RigOptions {
+        other_devices: vec![DeviceSpec {
+            zone: EXTERNAL.zone,
+            addr: EXTERNAL.addr,
+            irq: EXTERNAL.irq,
+            fields,
+        }],
+        ..RigOptions::new(if built_in { &[BUILT_IN] } else { &[] })
+    })
+}
+
+/// One write and read-back through `blk`, checked in guest memory and in `image`.
+fn write_and_verify(blk: &mut PolledBlk, image: &Path, sector: u64, seed: u32) -> TestResult {
+    let data = pattern(seed, 4096);
+    assert_eq!(blk.write(sector, &data)?, BLK_S_OK, "write status");
+    let (status, back) = blk.read(sector, 4096)?;
+    assert_eq!(status, BLK_S_OK, "read status");
+    assert!(back == data, "data read back differs (seed {seed})");
+    assert!(
+        image_bytes(image, sector, data.len()) == data,
+        "{} does not hold the data written (seed {seed})",
+        image.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_external_blk_backend_serves_the_zone_and_survives_driver_resets() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("resets.sock"), image(dir.path())?);
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2}),
+        false,
+    );
+    let mmio = rig.mmio(EXTERNAL, 0);
+    assert_eq!(mmio.probe()?, 2, "the configured device id");
+    let offered = mmio.device_features()?;
+    assert_ne!(offered & VIRTIO_F_VERSION_1, 0, "{offered:#x}");
+    assert_eq!(
+        offered & (1 << 30),
+        0,
+        "vhost-user's PROTOCOL_FEATURES offered to the driver: {offered:#x}"
+    );
+    mmio.write(reg::QUEUE_SEL, 0)?;
+    assert_eq!(
+        mmio.read(reg::QUEUE_NUM_MAX)?,
+        u32::from(DEFAULT_QUEUE_SIZE)
+    );
+    // The capacity in config space comes from the backend: the image's sectors.
+    let capacity = mmio.read_sized(reg::CONFIG, 8)?;
+    assert_eq!(capacity, IMAGE_SIZE / SECTOR);
+
+    for round in 0..3u32 {
+        // Each round resets the device and sets it up again (GET_VRING_BASE stops the ring,
+        // the new one starts at index 0 over zeroed rings).
+        let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
+        for request in 0..8u32 {
+            let seed = round * 100 + request;
+            write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+        }
+    }
+    assert!(!logged(&["resets.sock"]), "no warning about this backend");
+    Ok(rig.stop()?)
+}
+
+#[test]
+fn a_backend_that_dies_leaves_needs_reset_and_the_other_devices_serving() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("dying.sock"), image(dir.path())?);
+    let backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "blk", "img": "unused"}),
+        true,
+    );
+    let mut external = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
+    write_and_verify(&mut external, &image, 0, 1)?;
+    let mut built_in = PolledBlk::start(rig.mmio(BUILT_IN, 1), area(4), 64)?;
+    write_and_verify(&mut built_in, &rig.images[0], 0, 2)?;
+    rig.sim.take_interrupts();
+
+    drop(backend);
+    let killed = Instant::now();
+    let mmio = rig.mmio(EXTERNAL, 0);
+    let mut status = 0;
+    wait_until_within(RECONNECT_WINDOW + TIMEOUT, "DEVICE_NEEDS_RESET", || {
+        status = mmio.read(reg::STATUS)?;
+        Ok(status & STATUS_NEEDS_RESET != 0)
+    })?;
+    assert!(
+        killed.elapsed() >= RECONNECT_WINDOW,
+        "DEVICE_NEEDS_RESET before the backend had {RECONNECT_WINDOW:?} to come back"
+    );
+    assert_eq!(
+        status & STATUS_DRIVER_OK,
+        STATUS_DRIVER_OK,
+        "the driver's bits stay"
+    );
+    let interrupt = rig
+        .sim
+        .wait_interrupt(TIMEOUT)
+        .ok_or("no configuration-change interrupt")?;
+    assert_eq!(
+        interrupt,
+        DeviceRes {
+            target_zone: ZONE,
+            irq_id: EXTERNAL.irq
+        }
+    );
+    assert_eq!(mmio.read(reg::INTERRUPT_STATUS)? & INT_CONFIG, INT_CONFIG);
+    mmio.write(reg::INTERRUPT_ACK, INT_CONFIG)?;
+    assert!(logged(&[
+        "zone1-blk1@0xa003c00",
+        "did not come back",
+        "dying.sock"
+    ]));
+    // Accesses to the dead device are still answered: config space reads 0.
+    assert_eq!(mmio.read_sized(reg::CONFIG, 8)?, 0);
+    // A request to it is taken but never completed, while the built-in device goes on.
+    external.post(BLK_T_OUT, 0, Payload::Out(&pattern(3, 512)))?;
+    for seed in 10..20 {
+        write_and_verify(&mut built_in, &rig.images[0], u64::from(seed), seed)?;
+    }
+    // The driver's reset clears the bit; with no backend it comes back at FEATURES_OK.
+    mmio.write(reg::STATUS, 0)?;
+    assert_eq!(mmio.read(reg::STATUS)?, 0);
+    Ok(rig.stop()?)
+}
+
+#[test]
+fn a_backend_that_comes_back_gets_its_rings_where_they_were() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("restart.sock"), image(dir.path())?);
+    let log = dir.path().join("blk.log");
+    let backend = blk_backend(&socket, &image, &log);
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2}),
+        false,
+    );
+    let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
+    for seed in 0..5 {
+        write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+    }
+    drop(backend);
+    // Posted while no backend runs: served by the next one.
+    let data = pattern(77, 4096);
+    let head = blk.post(BLK_T_OUT, 200, Payload::Out(&data))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk2.log"));
+    let (status, _) = blk.complete(head)?;
+    assert_eq!(status, BLK_S_OK);
+    assert!(image_bytes(&image, 200, data.len()) == data);
+    for seed in 5..10 {
+        write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+    }
+    let mmio = rig.mmio(EXTERNAL, 0);
+    assert_eq!(
+        mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET,
+        0,
+        "a backend back in time needs no reset"
+    );
+    assert!(logged(&[
+        "zone1-vhost-user0@0xa003c00",
+        "hung up",
+        "reconnecting"
+    ]));
+    Ok(rig.stop()?)
+}
+
+/// A backend that stops answering (SIGSTOP) is cut off after the reply timeout: the access
+/// waiting on it is answered, and once the backend runs again it is reconnected with its ring.
+#[test]
+fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("paused.sock"), image(dir.path())?);
+    let backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2}),
+        false,
+    );
+    let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
+    write_and_verify(&mut blk, &image, 0, 1)?;
+    backend.signal(libc::SIGSTOP);
+    wait_until("the backend to stop", || {
+        Ok(all_threads_stopped(backend.pid()))
+    })?;
+    let mmio = rig.mmio(EXTERNAL, 0);
+    let asked = Instant::now();
+    assert_eq!(
+        mmio.read_sized(reg::CONFIG, 8)?,
+        0,
+        "a config read the backend does not answer"
+    );
+    let waited = asked.elapsed();
+    assert!(
+        waited >= REPLY_TIMEOUT && waited < REPLY_TIMEOUT + Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+    backend.signal(libc::SIGCONT);
+    // Config reads are answered 0 at once while the daemon reconnects.
+    wait_until("the reconnection", || {
+        Ok(mmio.read_sized(reg::CONFIG, 8)? == IMAGE_SIZE / SECTOR)
+    })?;
+    write_and_verify(&mut blk, &image, 8, 2)?;
+    assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
+    assert!(logged(&[
+        "paused.sock",
+        "GET_CONFIG failed",
+        "no answer within 2s"
+    ]));
+    Ok(rig.stop()?)
+}
+
+/// A ring the backend refuses (larger than it takes) sets DEVICE_NEEDS_RESET with the
+/// connection kept: after the driver's reset a ring it takes works.
+#[test]
+fn a_refused_ring_sets_needs_reset_and_keeps_the_connection() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("refusing.sock"), image(dir.path())?);
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    // `hvisor-vhost blk` takes rings of up to 256 entries.
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2, "queue_size": 512}),
+        false,
+    );
+    let mmio = rig.mmio(EXTERNAL, 0);
+    mmio.initialize(VIRTIO_F_VERSION_1)?;
+    mmio.write(reg::QUEUE_SEL, 0)?;
+    assert_eq!(mmio.read(reg::QUEUE_NUM_MAX)?, 512);
+    mmio.setup_queue(0, 512, area(0))?;
+    assert_eq!(
+        mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET,
+        STATUS_NEEDS_RESET
+    );
+    let interrupt = rig.sim.wait_interrupt(TIMEOUT).ok_or("no interrupt")?;
+    assert_eq!(interrupt.irq_id, EXTERNAL.irq);
+    assert_eq!(mmio.acknowledge_interrupt()?, INT_CONFIG);
+    assert!(logged(&[
+        "zone1-vhost-user0@0xa003c00",
+        "refusing.sock refused SET_VRING_NUM",
+        "DEVICE_NEEDS_RESET set"
+    ]));
+    let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 256)?;
+    write_and_verify(&mut blk, &image, 0, 5)?;
+    assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
+    assert!(!logged(&["refusing.sock", "reconnecting"]));
+    Ok(rig.stop()?)
+}
+
+#[test]
+fn an_external_rng_backend_fills_buffers_from_its_source() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("entropy.bin");
+    let content = pattern(9, 8192);
+    std::fs::write(&source, &content)?;
+    let socket = dir.path().join("rng.sock");
+    let mut command = Command::new(BINARY);
+    command
+        .arg("rng")
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--source")
+        .arg(&source)
+        .env("RUST_LOG", "info");
+    let mut backend = Daemon::spawn(command, &dir.path().join("rng.log"));
+    backend.wait_for_path(&socket, TIMEOUT);
+    // hvisor-tool has no rng type; any type takes "socket".
+    let rig = rig(&socket, serde_json::json!({"type": "rng"}), false);
+    let memory = rig.memory(ZONE);
+    let mmio = MmioGuest::new(&rig.sim, ZONE, EXTERNAL.addr);
+    assert_eq!(mmio.probe()?, VIRTIO_ID_RNG);
+    mmio.initialize(VIRTIO_F_VERSION_1)?;
+    let mut queue = mmio.setup_queue(0, 64, area(0))?;
+    mmio.driver_ok()?;
+    let mut start = 0;
+    for (n, len) in [(0u64, 1000usize), (1, 3000)] {
+        let at = GuestAddress(area(8).0 + n * 0x1_0000);
+        memory.write_slice(&vec![0xa5; len], at)?;
+        let head = queue.add(
+            memory,
+            &[Buffer {
+                addr: at,
+                len: len as u32,
+                device_writable: true,
+            }],
+        )?;
+        mmio.notify(0)?;
+        let interrupt = rig.sim.wait_interrupt(TIMEOUT).ok_or("no interrupt")?;
+        assert_eq!(interrupt.irq_id, EXTERNAL.irq);
+        assert_eq!(mmio.acknowledge_interrupt()? & 1, 1);
+        let mut used = None;
+        wait_until("the used entry", || {
+            used = queue.pop_used(memory)?;
+            Ok(used.is_some())
+        })?;
+        assert_eq!(used, Some((head, len as u32)));
+        let mut filled = vec![0u8; len];
+        memory.read_slice(&mut filled, at)?;
+        assert!(
+            filled[..] == content[start..start + len],
+            "request {n}: not the source's bytes at {start}"
+        );
+        start += len;
+    }
+    Ok(rig.stop()?)
+}
+
+/// The guest-visible part of a feature negotiation the backend does not accept: DriverFeatures
+/// beyond the offer are refused by the registers, before any message.
+#[test]
+fn features_are_checked_against_the_backend_offer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("features.sock"), image(dir.path())?);
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let rig = rig(
+        &socket,
+        serde_json::json!({"type": "vhost-user", "device_id": 2}),
+        false,
+    );
+    let mmio = rig.mmio(EXTERNAL, 0);
+    mmio.write(reg::STATUS, 0)?;
+    mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
+    mmio.write(reg::DRIVER_FEATURES_SEL, 0)?;
+    mmio.write(reg::DRIVER_FEATURES, 1 << 30)?;
+    mmio.write(reg::DRIVER_FEATURES_SEL, 1)?;
+    mmio.write(reg::DRIVER_FEATURES, 1)?;
+    mmio.write(
+        reg::STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    )?;
+    assert_eq!(mmio.read(reg::STATUS)? & STATUS_FEATURES_OK, 0);
+    Ok(rig.stop()?)
+}
+
+/// `hvisor-vhost hvisor` as a separate process between the simulator (`hvisor-vhost
+/// simulate`'s guest, its write/read/verify rounds) and `hvisor-vhost blk`.
+#[test]
+fn three_processes_simulator_daemon_and_backend() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (socket, image) = (dir.path().join("blk.sock"), image(dir.path())?);
+    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let config_path = dir.path().join("virtio_cfg.json");
+    let config = serde_json::json!({"zones": [{
+        "id": ZONE,
+        "memory_region": [{"zone0_ipa": "0x50000000", "zonex_ipa": "0x50000000",
+                           "size": "0x1000000"}],
+        "devices": [{"type": "blk", "img": "ignored.img", "socket": socket,
+                     "addr": "0xa003c00", "len": "0x200", "irq": 78, "status": "enable"}],
+    }]});
+    std::fs::write(&config_path, config.to_string())?;
+    let config = VirtioConfig::from_file(&config_path)?;
+    let sim = Simulator::new(&config, SimOptions::default())?;
+    let hypervisor = dir.path().join("hv.sock");
+    let attaching = {
+        let (sim, hypervisor) = (sim.clone(), hypervisor.clone());
+        std::thread::spawn(move || sim.listen_and_attach(&hypervisor))
+    };
+    while !hypervisor.exists() {
+        assert!(!attaching.is_finished(), "the simulator stopped listening");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut command = Command::new(BINARY);
+    command
+        .arg("hvisor")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--hypervisor-socket")
+        .arg(&hypervisor)
+        .env("RUST_LOG", "info");
+    let mut daemon = Daemon::spawn(command, &dir.path().join("daemon.log"));
+    join_within(attaching, "the hand-off")?;
+    hvisor_sim::guest::exercise_all(&sim, &config, 32)?;
+    // The last round's pattern is in the image: round 31 wrote 64 KiB at block 31.
+    let round = 31u32;
+    let expected: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i ^ round.wrapping_mul(0x9e37_79b9)) as u8)
+        .collect();
+    assert!(image_bytes(&image, u64::from(round) * 128, expected.len()) == expected);
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(TIMEOUT).ok_or("the daemon did not stop")?;
+    assert!(status.success(), "{status}:\n{}", daemon.log());
+    sim.detach();
+    let log = daemon.log();
+    assert!(
+        log.contains("zone1-blk0@0xa003c00: vhost-user backend at") && log.contains("device id 2"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`):
+/// `kill` returns before the threads of a process sent SIGSTOP have all stopped.
+fn all_threads_stopped(pid: libc::pid_t) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
+}
+
+/// [`wait_until`] with its own bound.
+fn wait_until_within(
+    bound: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> TestResult<bool>,
+) -> TestResult {
+    let deadline = Instant::now() + bound;
+    while !condition()? {
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {bound:?} waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
