@@ -153,11 +153,14 @@ impl PollWindow {
         }
     }
 
-    /// The sleep after the window lasted `slept`. A wake-up within the window's length (at
-    /// least [`GROW_START`]) would have been caught by a window twice as long: double it, up
-    /// to the ceiling. A longer sleep shrinks it.
+    /// The sleep after the window lasted `slept`. As KVM's halt-polling, the sleep is judged
+    /// against the ceiling, not against the window it followed: the sleep includes the
+    /// wake-up's own latency (tens of microseconds on a virtualised root zone), so a window
+    /// judged against itself could never grow back from nothing, and one collapse would
+    /// leave every later request paying wake-ups. A sleep within the ceiling doubles the
+    /// window (from [`GROW_START`]), a longer one halves it.
     fn slept(&mut self, slept: Duration) {
-        if slept <= self.current.max(GROW_START) {
+        if slept <= self.ceiling {
             self.current = (self.current * 2).max(GROW_START).min(self.ceiling);
         } else {
             self.shrink();
@@ -201,17 +204,34 @@ mod tests {
     }
 
     #[test]
-    fn a_sleep_longer_than_the_window_shrinks_it() {
+    fn a_sleep_longer_than_the_ceiling_shrinks_the_window() {
         let mut windows = PollWindows::new(CEILING);
         let gap = Gap::AfterNotify;
         windows.slept(gap, CEILING + Duration::from_micros(1));
         assert_eq!(windows.get(gap), CEILING / 2);
-        windows.slept(gap, CEILING / 2 + Duration::from_micros(1));
+        windows.slept(gap, CEILING + Duration::from_micros(1));
         assert_eq!(windows.get(gap), CEILING / 4);
         windows.slept(gap, Duration::from_secs(1));
         assert_eq!(windows.get(gap), Duration::ZERO);
         windows.slept(gap, Duration::from_secs(1));
         assert_eq!(windows.get(gap), Duration::ZERO, "idle: no polling at all");
+    }
+
+    /// A wake-up that itself takes longer than the window (a slow eventfd wake-up) must not
+    /// keep a collapsed window at nothing: every later request would pay a wake-up.
+    #[test]
+    fn a_collapsed_window_grows_back_on_sleeps_within_the_ceiling() {
+        let mut windows = PollWindows::new(CEILING);
+        let gap = Gap::AfterAccess;
+        for _ in 0..4 {
+            windows.missed(gap);
+        }
+        assert_eq!(windows.get(gap), Duration::ZERO);
+        let slow_wakeup = CEILING - Duration::from_micros(5);
+        for _ in 0..4 {
+            windows.slept(gap, slow_wakeup);
+        }
+        assert_eq!(windows.get(gap), CEILING);
     }
 
     #[test]
