@@ -6,87 +6,23 @@
 mod support;
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use support::frontend::{Buffer, DriverConfig, POISON_BYTE, UsedBuffer, VhostUserDriver};
+use support::qsd::StorageDaemon;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_guest_driver::blk;
 
-const QSD: &str = "qemu-storage-daemon";
 const SECTOR_SIZE: u64 = 512;
 const IMAGE_SIZE: u64 = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const CONFIG_WRITEBACK_OFFSET: u32 = 32;
-
-/// A qemu-storage-daemon exporting a fresh zeroed image; killed on drop.
-struct StorageDaemon {
-    child: Child,
-    socket: PathBuf,
-    image: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl StorageDaemon {
-    /// Starts the daemon, or returns `None` (after saying why) when it is
-    /// not installed, so machines without QEMU skip rather than fail.
-    fn start() -> Option<Self> {
-        if Command::new(QSD)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            // Written to the real stderr, not through the test harness's
-            // capture, so the skip is visible in a normal `cargo test` run.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: {QSD} is not installed (Debian package qemu-utils)"
-            );
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let image = dir.path().join("disk.img");
-        let socket = dir.path().join("vhost-user-blk.sock");
-        File::create(&image)
-            .and_then(|f| f.set_len(IMAGE_SIZE))
-            .expect("create image");
-        let child = Command::new(QSD)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f0,filename={},aio=threads",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-storage-daemon");
-        Some(StorageDaemon {
-            child,
-            socket,
-            image,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A distinct, non-repeating-per-sector pattern, so misplaced sectors show.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -126,7 +62,7 @@ fn image_bytes(image: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn blk_write_read_back_and_reconnect() {
-    let Some(qsd) = StorageDaemon::start() else {
+    let Some(qsd) = StorageDaemon::start(IMAGE_SIZE) else {
         return;
     };
     let config = DriverConfig {
@@ -243,7 +179,7 @@ fn blk_write_read_back_and_reconnect() {
 /// One daemon serves all four connections in turn.
 #[test]
 fn blk_ring_wrap_with_event_idx_and_indirect_combinations() {
-    let Some(qsd) = StorageDaemon::start() else {
+    let Some(qsd) = StorageDaemon::start(IMAGE_SIZE) else {
         return;
     };
     for (round, (event_idx, indirect)) in

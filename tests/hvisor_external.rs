@@ -1,6 +1,7 @@
 //! hvisor zones' devices served by vhost-user backends in other processes: the daemon is their
 //! vhost-user frontend. Our own `hvisor-vhost blk` and `hvisor-vhost rng` play the external
-//! backends; the simulator plays hvisor and a zone's driver. The data is checked where the
+//! backends, and so does qemu-storage-daemon's vhost-user-blk export (skipped, saying so, where
+//! it is not installed); the simulator plays hvisor and a zone's driver. The data is checked where the
 //! backend keeps it (the image file, the entropy source), and a backend that dies is either
 //! reconnected with its rings where they were or reported to the driver as
 //! DEVICE_NEEDS_RESET, while the other devices go on serving.
@@ -19,8 +20,9 @@ use hvisor_transport::mmio::reg;
 use hvisor_transport::remote::{DEFAULT_QUEUE_SIZE, RECONNECT_WINDOW, REPLY_TIMEOUT};
 use support::daemon::Daemon;
 use support::hvisor::*;
+use support::qsd::StorageDaemon;
 use virtio_guest_driver::Buffer;
-use virtio_guest_driver::blk::Payload;
+use virtio_guest_driver::blk::{Payload, T_FLUSH};
 use vm_memory::{Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
@@ -36,6 +38,8 @@ const BUILT_IN: BlkSpec = BlkSpec {
     irq: 77,
 };
 const VIRTIO_ID_RNG: u32 = 4;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const INT_CONFIG: u32 = 2;
 const BINARY: &str = env!("CARGO_BIN_EXE_hvisor-vhost");
@@ -412,7 +416,24 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (socket, image) = (dir.path().join("blk.sock"), image(dir.path())?);
     let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
-    let config_path = dir.path().join("virtio_cfg.json");
+    simulated_rounds_through_a_daemon(dir.path(), &socket, &image)
+}
+
+/// The same three processes with qemu-storage-daemon as the backend.
+#[test]
+fn three_processes_with_qemu_storage_daemon() -> TestResult {
+    let Some(qsd) = StorageDaemon::start(IMAGE_SIZE) else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    simulated_rounds_through_a_daemon(dir.path(), &qsd.socket, &qsd.image)
+}
+
+/// Runs `hvisor-vhost hvisor` (working in `dir`) for a zone whose blk device is served by the
+/// backend on `socket`, drives it with the simulator's guest (32 rounds of 64 KiB written, read
+/// back and compared), checks the last round's data in `image`, and stops the daemon.
+fn simulated_rounds_through_a_daemon(dir: &Path, socket: &Path, image: &Path) -> TestResult {
+    let config_path = dir.join("virtio_cfg.json");
     let config = serde_json::json!({"zones": [{
         "id": ZONE,
         "memory_region": [{"zone0_ipa": "0x50000000", "zonex_ipa": "0x50000000",
@@ -423,7 +444,7 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
     std::fs::write(&config_path, config.to_string())?;
     let config = VirtioConfig::from_file(&config_path)?;
     let sim = Simulator::new(&config, SimOptions::default())?;
-    let hypervisor = dir.path().join("hv.sock");
+    let hypervisor = dir.join("hv.sock");
     let attaching = {
         let (sim, hypervisor) = (sim.clone(), hypervisor.clone());
         std::thread::spawn(move || sim.listen_and_attach(&hypervisor))
@@ -440,7 +461,7 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
         .arg("--hypervisor-socket")
         .arg(&hypervisor)
         .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, &dir.path().join("daemon.log"));
+    let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
     join_within(attaching, "the hand-off")?;
     hvisor_sim::guest::exercise_all(&sim, &config, 32)?;
     // The last round's pattern is in the image: round 31 wrote 64 KiB at block 31.
@@ -448,7 +469,7 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
     let expected: Vec<u8> = (0..64 * 1024u32)
         .map(|i| (i ^ round.wrapping_mul(0x9e37_79b9)) as u8)
         .collect();
-    assert!(image_bytes(&image, u64::from(round) * 128, expected.len()) == expected);
+    assert!(image_bytes(image, u64::from(round) * 128, expected.len()) == expected);
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit(TIMEOUT).ok_or("the daemon did not stop")?;
     assert!(status.success(), "{status}:\n{}", daemon.log());
@@ -458,7 +479,47 @@ fn three_processes_simulator_daemon_and_backend() -> TestResult {
         log.contains("zone1-blk0@0xa003c00: vhost-user backend at") && log.contains("device id 2"),
         "{log}"
     );
+    assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{log}");
     Ok(())
+}
+
+/// qemu-storage-daemon's vhost-user-blk export (QEMU's libvhost-user, which answers GET_CONFIG
+/// from the start of config space whatever offset is asked for) serves the zone next to a
+/// built-in blk: config fields read at their own offsets, write/read/verify rounds and flushes
+/// across driver resets, the data checked in its image.
+#[test]
+fn qemu_storage_daemon_serves_the_zone_across_driver_resets() -> TestResult {
+    let Some(qsd) = StorageDaemon::start(IMAGE_SIZE) else {
+        return Ok(());
+    };
+    let rig = rig(
+        &qsd.socket,
+        serde_json::json!({"type": "blk", "img": "unused"}),
+        true,
+    );
+    let mmio = rig.mmio(EXTERNAL, 0);
+    assert_eq!(mmio.probe()?, 2);
+    let offered = mmio.device_features()?;
+    assert_ne!(offered & VIRTIO_F_VERSION_1, 0, "{offered:#x}");
+    assert_eq!(mmio.read_sized(reg::CONFIG, 8)?, IMAGE_SIZE / SECTOR);
+    // blk_size (offset 20) and num_queues (offset 34), behind the capacity.
+    assert_ne!(offered & VIRTIO_BLK_F_BLK_SIZE, 0, "{offered:#x}");
+    assert_eq!(mmio.read(reg::CONFIG + 20)?, SECTOR as u32);
+    assert_ne!(offered & VIRTIO_BLK_F_MQ, 0, "{offered:#x}");
+    assert_eq!(mmio.read_sized(reg::CONFIG + 34, 2)?, 1);
+    for round in 0..3u32 {
+        let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 128)?;
+        for request in 0..8u32 {
+            let seed = round * 100 + request;
+            write_and_verify(&mut blk, &qsd.image, u64::from(seed) * 8, seed)?;
+        }
+        let flush = blk.post(T_FLUSH, 0, Payload::None)?;
+        assert_eq!(blk.complete(flush)?.0, BLK_S_OK, "flush status");
+    }
+    let mut built_in = PolledBlk::start(rig.mmio(BUILT_IN, 1), area(4), 64)?;
+    write_and_verify(&mut built_in, &rig.images[0], 0, 7)?;
+    assert!(!logged(&["vhost-user-blk.sock"]), "no warning about qsd");
+    Ok(rig.stop()?)
 }
 
 /// Whether every thread of process `pid` is stopped (state `T` in `/proc/PID/task/*/stat`):

@@ -6,4 +6,5 @@ pub mod daemon;
 pub mod frontend;
 pub mod handoff;
 pub mod hvisor;
+pub mod qsd;
 pub mod stress;

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VHOST_USER_CONFIG_SIZE, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -387,6 +388,8 @@ impl Link {
     }
 
     /// `len` bytes of config space at `offset`; `None` without the CONFIG protocol feature.
+    /// Asked for from offset 0, as QEMU does: libvhost-user (qemu-storage-daemon, ...) ignores
+    /// GET_CONFIG's offset and answers from the start of config space.
     pub(super) fn get_config(
         &mut self,
         offset: u32,
@@ -395,17 +398,26 @@ impl Link {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Ok(None);
         }
-        let zeroes = [0u8; 8];
+        let start = offset as usize;
+        let end = start.saturating_add(len);
+        if end > VHOST_USER_CONFIG_SIZE as usize {
+            // Refused as the frontend refuses an out-of-range request, before sending it.
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::InvalidParam,
+            ))
+            .named("GET_CONFIG");
+        }
+        let zeroes = vec![0u8; end];
         let (_, bytes) = self
             .frontend
             .get_config(
-                offset,
-                len as u32,
+                0,
+                zeroes.len() as u32,
                 VhostUserConfigFlags::empty(),
-                &zeroes[..len],
+                &zeroes,
             )
             .named("GET_CONFIG")?;
-        Ok(Some(bytes))
+        Ok(Some(bytes[start..].to_vec()))
     }
 
     /// Writes `data` at `offset` of config space; `false` without the CONFIG protocol feature.
