@@ -17,9 +17,9 @@ disk() { # SERIAL -> /dev/vdX
 }
 cd /tmp
 [ -c /dev/kvm ] && ok "/dev/kvm present" || { fail "no /dev/kvm in L1 (is QEMU run with virtualization=on?)"; exit 1; }
-DISK=$(disk single); Z1DISK=$(disk zone1); Z2DISK=$(disk zone2)
-[ -b "$DISK" ] && [ -b "$Z1DISK" ] && [ -b "$Z2DISK" ] \
-  || { fail "host images missing in L1: single='$DISK' zone1='$Z1DISK' zone2='$Z2DISK'"; exit 1; }
+DISK=$(disk single); XDISK=$(disk external); QDISK=$(disk qsd); Z1DISK=$(disk zone1); Z2DISK=$(disk zone2)
+[ -b "$DISK" ] && [ -b "$XDISK" ] && [ -b "$QDISK" ] && [ -b "$Z1DISK" ] && [ -b "$Z2DISK" ] \
+  || { fail "host images missing in L1: single='$DISK' external='$XDISK' qsd='$QDISK' zone1='$Z1DISK' zone2='$Z2DISK'"; exit 1; }
 Q=quiet; grep -q "nested.l2verbose=1" /proc/cmdline && Q="loglevel=7"
 L2ARGS="earlycon=uart8250,mmio,0x9000000 keep_bootcon printk.devkmsg=on panic=-1 $Q rdinit=/init"
 # Bounds of one stand-in run: a guest stuck on a lost interrupt never powers off. On SIGTERM
@@ -46,9 +46,78 @@ check_console() { # LABEL RECORDED MARKER FROM TO
 }
 stop_peer() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done; kill "$1" 2>/dev/null; }
 
+# Waits until the socket at $1 listens; fails naming $2 otherwise.
+wait_listening() {
+  i=0; while ! listening "$1" && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  listening "$1" || fail "$2 does not listen on $1 after 10 s"
+}
+# Stops an external backend ($1, named $2), which must still be running, with SIGTERM; it must
+# then exit with status $3 (0; 143 for one that leaves SIGTERM's default action).
+stop_backend() {
+  kill -0 "$1" 2>/dev/null || fail "one zone: $2 exited before the end of the run"
+  kill -TERM "$1" 2>/dev/null
+  i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  if kill -0 "$1" 2>/dev/null; then fail "$2 still running 5 s after SIGTERM"; kill -KILL "$1"; fi
+  wait "$1"; BRC=$?
+  [ $BRC = "$3" ] && ok "one zone: $2 exited $BRC after SIGTERM" || fail "one zone: $2 exited with status $BRC, not $3"
+}
+
 ###############################################################################
-# Run 1: one zone, one vCPU: blk, console, rng, net.
+# Run 1: one zone, one vCPU: blk, console, rng, net, and devices served by external vhost-user
+# backends in L1: a blk by our own `hvisor-vhost blk`, and, when L1 has them, a blk by
+# qemu-storage-daemon, a vsock by vhost-device-vsock and a virtio-fs by virtiofsd.
 echo "=== L1 run 1: one zone"
+RUST_LOG=warn $B/hvisor-vhost blk --socket-path /tmp/xblk.sock --image "$XDISK" > /tmp/xblk.log 2>&1 &
+XBLK=$!
+EXTERNAL='{ "type": "blk", "addr": "0xa000800", "len": "0x200", "irq": 52, "socket": "/tmp/xblk.sock", "status": "enable" }'
+DISKS="builtin@a000000,external@a000800"
+if [ -x $B/qemu-storage-daemon ]; then
+  $B/qemu-storage-daemon --blockdev "driver=host_device,node-name=q0,filename=$QDISK,aio=threads" \
+    --export "type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path=/tmp/qsd.sock,writable=on,num-queues=1" \
+    > /tmp/qsd.log 2>&1 &
+  QSD=$!
+  EXTERNAL="$EXTERNAL,
+    { \"type\": \"vhost-user\", \"device_id\": 2, \"addr\": \"0xa000a00\", \"len\": \"0x200\", \"irq\": 53, \"socket\": \"/tmp/qsd.sock\", \"status\": \"enable\" }"
+  DISKS="$DISKS,qsd@a000a00"
+  wait_listening /tmp/qsd.sock qemu-storage-daemon
+  info "qemu-storage-daemon: $($B/qemu-storage-daemon --version | head -1)"
+else
+  QSD=
+  info "SKIPPED: qemu-storage-daemon case: L1 has no qemu-storage-daemon (see the run script's output)"
+fi
+# rust-vmm's vhost-device-vsock: the guest connects to the host (CID 2) port 5000, which the
+# backend turns into a connection to the Unix socket /tmp/vsock.uds_5000.
+VSOCK=; VSOCK_ARG=
+if [ -x $B/vhost-device-vsock ]; then
+  seq 1 40000 > /tmp/vsock.expected
+  $B/hvisor-standin unix-sink --socket /tmp/vsock.uds_5000 --out /tmp/vsock.got --timeout 500 2>/tmp/vsock-sink.log &
+  VSINK=$!
+  RUST_LOG=warn $B/vhost-device-vsock --guest-cid 3 --socket /tmp/vsock-vu.sock --uds-path /tmp/vsock.uds \
+    > /tmp/vsock.log 2>&1 &
+  VSOCK=$!
+  EXTERNAL="$EXTERNAL,
+    { \"type\": \"vhost-user\", \"device_id\": 19, \"addr\": \"0xa000c00\", \"len\": \"0x200\", \"irq\": 54, \"socket\": \"/tmp/vsock-vu.sock\", \"status\": \"enable\" }"
+  VSOCK_ARG="nested.vsock=5000"
+  wait_listening /tmp/vsock-vu.sock vhost-device-vsock
+else
+  info "SKIPPED: vhost-device-vsock case: L1 has no vhost-device-vsock (see the run script's output)"
+fi
+# virtiofsd sharing /srv/share under the tag hvshare; the guest reads from-host and writes
+# from-guest.
+VFSD=; VFSD_ARG=
+if [ -x $B/virtiofsd ]; then
+  mkdir -p /srv/share && head -c 262144 /dev/urandom > /srv/share/from-host
+  VFSD_ARG="nested.vfstag=hvshare nested.vfsha=$(sha256sum /srv/share/from-host | cut -c1-64)"
+  $B/virtiofsd --socket-path /tmp/vfsd.sock --shared-dir /srv/share --tag hvshare --sandbox none --seccomp log \
+    --cache never > /tmp/vfsd.log 2>&1 &
+  VFSD=$!
+  EXTERNAL="$EXTERNAL,
+    { \"type\": \"vhost-user\", \"device_id\": 26, \"addr\": \"0xa000e00\", \"len\": \"0x200\", \"irq\": 55, \"socket\": \"/tmp/vfsd.sock\", \"status\": \"enable\" }"
+  wait_listening /tmp/vfsd.sock virtiofsd
+else
+  info "SKIPPED: virtiofsd case: L1 has no virtiofsd (see the run script's output)"
+fi
+wait_listening /tmp/xblk.sock "hvisor-vhost blk"
 $B/hvisor-standin mktap tap0 && ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up \
   || fail "cannot set up tap0"
 mkdir -p /srv && head -c 1048576 /dev/urandom > /srv/blob
@@ -64,7 +133,8 @@ cat > /tmp/virtio_cfg.json <<JSON
     { "type": "console", "addr": "0xa000200", "len": "0x200", "irq": 49, "socket": "/tmp/con.sock", "status": "enable" },
     { "type": "rng", "addr": "0xa000400", "len": "0x200", "irq": 50, "status": "enable" },
     { "type": "net", "addr": "0xa000600", "len": "0x200", "irq": 51, "tap": "tap0",
-      "mac": ["0x02", "0x16", "0x3e", "0x10", "0x20", "0x30"], "status": "enable" } ] } ] }
+      "mac": ["0x02", "0x16", "0x3e", "0x10", "0x20", "0x30"], "status": "enable" },
+    $EXTERNAL ] } ] }
 JSON
 
 $B/hvisor-standin console-peer --socket /tmp/con.sock --marker CONSOLE-READY --send /tmp/h2g.txt \
@@ -72,13 +142,39 @@ $B/hvisor-standin console-peer --socket /tmp/con.sock --marker CONSOLE-READY --s
 PEER=$!
 T0=$(uptime_s)
 timeout "$RUN_TIMEOUT" $STANDIN --config /tmp/virtio_cfg.json --socket /tmp/hv.sock \
-  --cmdline "$L2ARGS nested.mode=full nested.netsha=$NETSHA" 2>&1 &
+  --cmdline "$L2ARGS nested.mode=full nested.netsha=$NETSHA nested.disks=$DISKS $VSOCK_ARG $VFSD_ARG" 2>&1 &
 SI=$!
 # The stand-in listens first; the daemon connects like to any hypervisor socket.
 i=0; while ! listening /tmp/hv.sock && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 RUST_LOG=warn $B/hvisor-vhost hvisor --config /tmp/virtio_cfg.json --hypervisor-socket /tmp/hv.sock > /tmp/daemon.log 2>&1 &
 finish_run $SI $! "one zone"
 info "one-zone run took $(since "$T0") s (L1 clock)"
+stop_backend $XBLK "hvisor-vhost blk (external backend)" 0
+info "external hvisor-vhost blk log (last 5 lines):"; tail -n 5 /tmp/xblk.log | sed 's/^/info: L1:   /'
+if [ -n "$QSD" ]; then
+  stop_backend $QSD qemu-storage-daemon 0
+  info "qemu-storage-daemon log (last 5 lines):"; tail -n 5 /tmp/qsd.log | sed 's/^/info: L1:   /'
+fi
+if [ -n "$VSOCK" ]; then
+  # vhost-device-vsock waits for the next frontend forever and has no SIGTERM handler.
+  stop_backend $VSOCK vhost-device-vsock 143
+  stop_peer $VSINK
+  if cmp -s /tmp/vsock.got /tmp/vsock.expected; then ok "one zone: vsock guest->host: $(wc -c < /tmp/vsock.got) bytes exact"
+  else fail "one zone: vsock guest->host: got $(wc -c < /tmp/vsock.got 2>/dev/null) bytes, expected $(wc -c < /tmp/vsock.expected)"; fi
+  info "vsock sink: $(tr '\n' ' ' < /tmp/vsock-sink.log); backend log (last 5 lines):"
+  tail -n 5 /tmp/vsock.log | sed 's/^/info: L1:   /'
+fi
+if [ -n "$VFSD" ]; then
+  # virtiofsd serves one frontend and exits once it has left.
+  i=0; while kill -0 $VFSD 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  if kill -0 $VFSD 2>/dev/null; then fail "one zone: virtiofsd still running 10 s after its frontend left"; kill $VFSD; fi
+  wait $VFSD; VRC=$?
+  [ $VRC = 0 ] && ok "one zone: virtiofsd exited 0 after its frontend left" || fail "one zone: virtiofsd exited with status $VRC"
+  seq 1 30000 > /tmp/from-guest.expected
+  if cmp -s /srv/share/from-guest /tmp/from-guest.expected; then ok "one zone: virtiofs guest->host: $(wc -c < /srv/share/from-guest) bytes exact"
+  else fail "one zone: virtiofs guest->host: /srv/share/from-guest has $(wc -c < /srv/share/from-guest 2>/dev/null) bytes, expected $(wc -c < /tmp/from-guest.expected)"; fi
+  info "virtiofsd log (last 5 lines):"; tail -n 5 /tmp/vfsd.log | sed 's/^/info: L1:   /'
+fi
 stop_peer $PEER
 check_console "one zone:" /tmp/g2h.bin CONSOLE-READY 2000 2600
 info "one-zone daemon log (last 15 lines):"; tail -n 15 /tmp/daemon.log | sed 's/^/info: L1:   /'

@@ -1,36 +1,59 @@
 # The L2 guest's checks for one zone alone (busybox sh, stdout is /dev/kmsg). Exit status =
 # number of failures. Parameters come from the kernel command line: nested.mode=full|bench,
-# nested.netsha=SHA.
+# nested.netsha=SHA, nested.disks=NAME@ADDR,... (the blk devices to check, by the address of
+# their virtio-mmio window; the first is the built-in one the sustained I/O runs on),
+# nested.vsock=PORT (a vsock device: send a stream to the host's PORT), nested.vfstag=TAG and
+# nested.vfsha=SHA (a virtio-fs device: its file from-host has that sha256; write from-guest).
 . /l2-lib.sh
 MODE=$(arg mode); MODE=${MODE:-full}
 
-# Find the virtio-blk disk (vda in both the nested and the QEMU run).
-DISK=/dev/vda
-[ -b "$DISK" ] || { fail "no $DISK (virtio devices: $(ls /sys/bus/virtio/devices))"; exit $F; }
-info "disk $DISK: $(cat /sys/block/vda/size) sectors, on $(readlink -f /sys/block/vda/device | sed 's|.*/\([^/]*\)/virtio[0-9]*$|\1|')"
-
-throughput() {
-  echo 3 > /proc/sys/vm/drop_caches
-  t0=$(now_cs); dd if=$DISK of=/dev/null bs=1M count=32 iflag=direct 2>/dev/null; t1=$(now_cs)
-  value READ_CS $((t1 - t0))
-  info "blk read 32 MiB O_DIRECT bs=1M: $((t1 - t0)) cs = $((32 * 100 * 100 / (t1 - t0 + 1) )) centi-MiB/s"
-  t0=$(now_cs); dd if=/dev/zero of=$DISK bs=1M count=16 seek=40 oflag=direct conv=fsync 2>/dev/null; t1=$(now_cs)
-  value WRITE_CS $((t1 - t0))
-  info "blk write 16 MiB O_DIRECT bs=1M: $((t1 - t0)) cs"
+# The disk behind the virtio-mmio window at ADDR (e.g. a000000).
+disk_at() {
+  for d in /sys/block/vd*; do
+    case "$(readlink -f "$d/device")" in */$1.virtio_mmio/*) echo "/dev/${d##*/}" ;; esac
+  done
 }
 
-if [ "$MODE" = bench ]; then throughput; exit $F; fi
+# Guest-visible throughput of DISK, as VALUE NAME_READ_CS / NAME_WRITE_CS (centiseconds).
+throughput() { # NAME DISK
+  echo 3 > /proc/sys/vm/drop_caches
+  t0=$(now_cs); dd if=$2 of=/dev/null bs=1M count=32 iflag=direct 2>/dev/null; t1=$(now_cs)
+  value "$1_READ_CS" $((t1 - t0))
+  info "$1 blk read 32 MiB O_DIRECT bs=1M: $((t1 - t0)) cs = $((32 * 100 * 100 / (t1 - t0 + 1) )) centi-MiB/s"
+  t0=$(now_cs); dd if=/dev/zero of=$2 bs=1M count=16 seek=40 oflag=direct conv=fsync 2>/dev/null; t1=$(now_cs)
+  value "$1_WRITE_CS" $((t1 - t0))
+  info "$1 blk write 16 MiB O_DIRECT bs=1M: $((t1 - t0)) cs"
+}
 
-# (1) blk data integrity: pattern written with fsync, read back after dropping caches; the
-# host checks the same range of the image file afterwards.
+if [ "$MODE" = bench ]; then
+  # The QEMU reference run: its one disk.
+  [ -b /dev/vda ] || { fail "no /dev/vda (virtio devices: $(ls /sys/bus/virtio/devices))"; exit $F; }
+  for round in 1 2 3; do throughput vhost-user /dev/vda; done
+  exit $F
+fi
+
+# (1) blk data integrity on every disk: a pattern written with fsync, read back after dropping
+# caches (VALUE NAME_BLKPAT; the host checks the same range of each image file afterwards).
+# Then the disks' throughput, three rounds taking turns, so that they share the host's moods.
 dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
-PAT=$(sha256sum /tmp/pat | cut -c1-64); value BLKPAT "$PAT"
-if dd if=/tmp/pat of=$DISK bs=1M seek=16 conv=fsync 2>/dev/null; then ok "4 MiB pattern written at 16 MiB with fsync"; else fail "pattern write"; fi
-echo 3 > /proc/sys/vm/drop_caches
-GOT=$(dd if=$DISK bs=1M skip=16 count=4 2>/dev/null | sha256sum | cut -c1-64)
-[ "$GOT" = "$PAT" ] && ok "pattern reads back after drop_caches" || fail "pattern read back as $GOT, wrote $PAT"
-
-throughput
+PAT=$(sha256sum /tmp/pat | cut -c1-64)
+DISK= MEASURED=
+for entry in $(arg disks | tr ',' ' '); do
+  NAME=${entry%@*} D=$(disk_at "${entry#*@}")
+  [ -b "$D" ] || { fail "$NAME blk: no disk at ${entry#*@} (virtio devices: $(ls /sys/bus/virtio/devices | tr '\n' ' '))"; continue; }
+  [ -n "$DISK" ] || DISK=$D
+  info "$NAME blk: $D, $(cat /sys/block/${D#/dev/}/size) sectors, at ${entry#*@}"
+  value "${NAME}_BLKPAT" "$PAT"
+  if dd if=/tmp/pat of=$D bs=1M seek=16 conv=fsync 2>/dev/null; then ok "$NAME blk: 4 MiB pattern written at 16 MiB with fsync"; else fail "$NAME blk: pattern write"; fi
+  echo 3 > /proc/sys/vm/drop_caches
+  GOT=$(dd if=$D bs=1M skip=16 count=4 2>/dev/null | sha256sum | cut -c1-64)
+  [ "$GOT" = "$PAT" ] && ok "$NAME blk: pattern reads back after drop_caches" || fail "$NAME blk: pattern read back as $GOT, wrote $PAT"
+  MEASURED="$MEASURED $NAME@$D"
+done
+[ -n "$DISK" ] || { fail "no disk to run the sustained I/O on"; exit $F; }
+for round in 1 2 3; do
+  for entry in $MEASURED; do throughput "${entry%@*}" "${entry#*@}"; done
+done
 
 # (2) sustained I/O: 30 s of O_DIRECT write+read-back rounds; no round may take over 5 s.
 END=$(( $(now_cs) + 3000 )); ROUNDS=0; MAXGAP=0; BAD=0; LAST=$(now_cs)
@@ -91,5 +114,32 @@ if ip link set eth0 up 2>/dev/null; then
   fi
 else
   fail "no eth0"
+fi
+
+# (6) vsock: `seq 1 40000` to the host (CID 2) on PORT; L1 compares what arrived.
+VPORT=$(arg vsock)
+if [ -n "$VPORT" ]; then
+  seq 1 40000 > /tmp/vsock.out
+  if hvisor-standin vsock-send --port "$VPORT" --file /tmp/vsock.out --timeout 60 2>/tmp/vsock.err; then
+    ok "vsock: $(wc -c < /tmp/vsock.out) bytes sent to the host's port $VPORT ($(tr '\n' ' ' < /tmp/vsock.err))"
+  else
+    fail "vsock: $(tr '\n' ' ' < /tmp/vsock.err)"
+  fi
+fi
+
+# (7) virtiofs: the host's file read exactly, ours written for L1 to compare.
+TAG=$(arg vfstag)
+if [ -n "$TAG" ]; then
+  mkdir -p /mnt/share
+  if mount -t virtiofs "$TAG" /mnt/share 2>/tmp/mount.err; then
+    S=$(sha256sum /mnt/share/from-host | cut -c1-64)
+    [ "$S" = "$(arg vfsha)" ] && ok "virtiofs: host file reads back exactly ($(wc -c < /mnt/share/from-host) bytes)" \
+      || fail "virtiofs: host file sha256 $S, expected $(arg vfsha)"
+    seq 1 30000 > /mnt/share/from-guest && sync && ok "virtiofs: from-guest written ($(wc -c < /mnt/share/from-guest) bytes)" \
+      || fail "virtiofs: writing from-guest"
+    umount /mnt/share || fail "virtiofs: umount"
+  else
+    fail "virtiofs: mount -t virtiofs $TAG: $(tr '\n' ' ' < /tmp/mount.err)"
+  fi
 fi
 exit $F

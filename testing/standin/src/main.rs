@@ -37,7 +37,12 @@ usage:
       connect to a console socket, record what arrives, send FILE once TEXT was seen (and,
       with --go, once the file FLAG exists); --ready: create the file FLAG when TEXT arrives
   hvisor-standin mktap NAME
-      create a persistent TAP interface the net device can attach to";
+      create a persistent TAP interface the net device can attach to
+  hvisor-standin vsock-send --port PORT --file FILE [--cid CID] [--timeout SECS]
+      in a guest: connect to vsock CID (default 2, the host) PORT, send FILE, wait for the
+      peer to close
+  hvisor-standin unix-sink --socket PATH --out FILE [--timeout SECS]
+      listen on the Unix socket PATH, write what the first connection sends into FILE";
 
 /// `--name value` pairs after the subcommand.
 struct Args(Vec<(String, String)>);
@@ -113,6 +118,8 @@ fn main() -> ExitCode {
         "run" => run(&args),
         "dtb" => dtb(&args),
         "console-peer" => tools::console_peer(&args),
+        "vsock-send" => tools::vsock_send(&args),
+        "unix-sink" => tools::unix_sink(&args),
         "mktap" => match raw.get(1) {
             Some(name) => tools::make_tap(name),
             None => Err("mktap needs the interface name".into()),

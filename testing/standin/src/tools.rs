@@ -1,9 +1,10 @@
-//! Small helpers the nested test needs inside L1, where only busybox is available: a client
-//! for the daemon's console socket and a way to create a persistent TAP.
+//! Small helpers the nested test needs inside L1 and L2, where only busybox is available: a
+//! client for the daemon's console socket, a way to create a persistent TAP, and the two ends
+//! of a guest-to-host vsock stream (busybox has no vsock).
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use crate::Args;
@@ -126,5 +127,82 @@ pub fn make_tap(name: &str) -> Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1) } < 0 {
         return Err(format!("TUNSETPERSIST {name}: {}", io::Error::last_os_error()).into());
     }
+    Ok(())
+}
+
+/// In a guest: connects to vsock `--cid` (default 2, the host) port `--port`, retrying until
+/// the connection is accepted or `--timeout` (default 60 s) passes, sends `--file`, shuts its
+/// side down and waits until the peer closes, so everything sent has been taken.
+pub fn vsock_send(args: &Args) -> Result<()> {
+    let cid: u32 = args.number("cid")?.unwrap_or(libc::VMADDR_CID_HOST);
+    let port: u32 = args.number("port")?.ok_or("--port is required")?;
+    let payload = std::fs::read(args.require("file")?)?;
+    let timeout = Duration::from_secs(args.number("timeout")?.unwrap_or(60));
+    let started = Instant::now();
+    let mut stream = loop {
+        match vsock_connect(cid, port) {
+            Ok(stream) => break stream,
+            Err(_) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(200)),
+            Err(error) => return Err(format!("vsock {cid}:{port}: {error}").into()),
+        }
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(&payload)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("vsock {cid}:{port}: waiting for the peer to close: {e}"))?;
+    eprintln!(
+        "[vsock-send] {cid}:{port}: {} bytes sent in {:.2?}",
+        payload.len(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// A connected AF_VSOCK stream socket. Held as a `UnixStream`, whose read, write and shutdown
+/// are the plain socket calls, valid on any connected stream socket.
+fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
+    // SAFETY: creates a socket; no pointers involved.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_vm is valid; family, cid and port are set below.
+    let mut address: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    address.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    address.svm_cid = cid;
+    address.svm_port = port;
+    // SAFETY: `address` is a sockaddr_vm of the size given, alive for the call.
+    let connected = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&raw const address).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if connected < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(socket))
+}
+
+/// Listens on the Unix socket `--socket`, takes one connection within `--timeout` (default
+/// 300 s) and writes everything it sends, until it closes its side, into `--out`; then closes.
+pub fn unix_sink(args: &Args) -> Result<()> {
+    let path = args.require("socket")?;
+    let out_path = args.require("out")?;
+    let timeout = Duration::from_secs(args.number("timeout")?.unwrap_or(300));
+    let listener = UnixListener::bind(path).map_err(|e| format!("{path}: {e}"))?;
+    let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+    wait_readable(&listener, secs).map_err(|e| format!("{path}: no connection: {e}"))?;
+    let (mut stream, _) = listener.accept()?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut out = std::fs::File::create(out_path).map_err(|e| format!("{out_path}: {e}"))?;
+    let received = io::copy(&mut stream, &mut out).map_err(|e| format!("{path}: {e}"))?;
+    eprintln!("[unix-sink] {path}: {received} bytes received");
     Ok(())
 }
