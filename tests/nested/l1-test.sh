@@ -90,7 +90,7 @@ fi
 VSOCK=; VSOCK_ARG=
 if [ -x $B/vhost-device-vsock ]; then
   seq 1 40000 > /tmp/vsock.expected
-  $B/hvisor-standin unix-sink --socket /tmp/vsock.uds_5000 --out /tmp/vsock.got --timeout 500 2>/tmp/vsock-sink.log &
+  $B/hvisor-standin unix-sink --socket /tmp/vsock.uds_5000 --out /tmp/vsock.got --bytes $(wc -c < /tmp/vsock.expected) --timeout 500 2>/tmp/vsock-sink.log &
   VSINK=$!
   RUST_LOG=warn $B/vhost-device-vsock --guest-cid 3 --socket /tmp/vsock-vu.sock --uds-path /tmp/vsock.uds \
     > /tmp/vsock.log 2>&1 &

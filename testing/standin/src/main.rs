@@ -41,8 +41,9 @@ usage:
   hvisor-standin vsock-send --port PORT --file FILE [--cid CID] [--timeout SECS]
       in a guest: connect to vsock CID (default 2, the host) PORT, send FILE, wait for the
       peer to close
-  hvisor-standin unix-sink --socket PATH --out FILE [--timeout SECS]
-      listen on the Unix socket PATH, write what the first connection sends into FILE";
+  hvisor-standin unix-sink --socket PATH --out FILE --bytes N [--timeout SECS]
+      listen on the Unix socket PATH, write the first N bytes the first connection sends into
+      FILE, then close it";
 
 /// `--name value` pairs after the subcommand.
 struct Args(Vec<(String, String)>);

@@ -131,8 +131,9 @@ pub fn make_tap(name: &str) -> Result<()> {
 }
 
 /// In a guest: connects to vsock `--cid` (default 2, the host) port `--port`, retrying until
-/// the connection is accepted or `--timeout` (default 60 s) passes, sends `--file`, shuts its
-/// side down and waits until the peer closes, so everything sent has been taken.
+/// the connection is accepted or `--timeout` (default 60 s) passes, sends `--file` and waits
+/// until the peer closes the connection, which says everything sent has been taken (a
+/// half-close would not do: vhost-device-vsock does not pass it on to its Unix socket).
 pub fn vsock_send(args: &Args) -> Result<()> {
     let cid: u32 = args.number("cid")?.unwrap_or(libc::VMADDR_CID_HOST);
     let port: u32 = args.number("port")?.ok_or("--port is required")?;
@@ -148,11 +149,15 @@ pub fn vsock_send(args: &Args) -> Result<()> {
     };
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(&payload)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
     let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .map_err(|e| format!("vsock {cid}:{port}: waiting for the peer to close: {e}"))?;
+    match stream.read_to_end(&mut answer) {
+        // A close on the host side may reach the guest as a reset.
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => {
+            return Err(format!("vsock {cid}:{port}: waiting for the peer to close: {e}").into());
+        }
+    }
     eprintln!(
         "[vsock-send] {cid}:{port}: {} bytes sent in {:.2?}",
         payload.len(),
@@ -191,18 +196,21 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<UnixStream> {
 }
 
 /// Listens on the Unix socket `--socket`, takes one connection within `--timeout` (default
-/// 300 s) and writes everything it sends, until it closes its side, into `--out`; then closes.
+/// 300 s) and writes what it sends into `--out` until `--bytes` have arrived (or the peer
+/// closes); then closes the connection.
 pub fn unix_sink(args: &Args) -> Result<()> {
     let path = args.require("socket")?;
     let out_path = args.require("out")?;
+    let expected: u64 = args.number("bytes")?.ok_or("--bytes is required")?;
     let timeout = Duration::from_secs(args.number("timeout")?.unwrap_or(300));
     let listener = UnixListener::bind(path).map_err(|e| format!("{path}: {e}"))?;
     let secs = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
     wait_readable(&listener, secs).map_err(|e| format!("{path}: no connection: {e}"))?;
-    let (mut stream, _) = listener.accept()?;
+    let (stream, _) = listener.accept()?;
     stream.set_read_timeout(Some(timeout))?;
     let mut out = std::fs::File::create(out_path).map_err(|e| format!("{out_path}: {e}"))?;
-    let received = io::copy(&mut stream, &mut out).map_err(|e| format!("{path}: {e}"))?;
-    eprintln!("[unix-sink] {path}: {received} bytes received");
+    let received =
+        io::copy(&mut (&stream).take(expected), &mut out).map_err(|e| format!("{path}: {e}"))?;
+    eprintln!("[unix-sink] {path}: {received} of {expected} bytes received");
     Ok(())
 }
