@@ -11,7 +11,6 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use hvisor_sim::guest::MmioGuest;
-use hvisor_transport::abi::DeviceRes;
 use hvisor_transport::mmio::reg;
 use support::hvisor::*;
 use virtio_guest_driver::{Buffer, DriverQueue};
@@ -90,37 +89,6 @@ fn start_device(
     Ok((offered, queues))
 }
 
-/// A buffer area after the queues' (each queue has its own [`area`]).
-fn buffer(n: u64) -> GuestAddress {
-    GuestAddress(area(8).0 + n * 0x1_0000)
-}
-
-/// Waits for the configured interrupt and acknowledges it as Linux's handler does.
-fn take_interrupt(rig: &Rig, mmio: &MmioGuest, what: &str) -> TestResult {
-    let interrupt = rig
-        .sim
-        .wait_interrupt(TIMEOUT)
-        .ok_or_else(|| format!("no interrupt for {what}"))?;
-    let configured = DeviceRes {
-        target_zone: ZONE,
-        irq_id: IRQ,
-    };
-    assert_eq!(interrupt, configured, "{what}");
-    let status = mmio.acknowledge_interrupt()?;
-    assert_eq!(status & 1, 1, "{what}: InterruptStatus {status:#x}");
-    Ok(())
-}
-
-/// Waits for the next used chain of `queue`: (head, used length).
-fn wait_used(queue: &mut DriverQueue, memory: &GuestMemoryMmap) -> TestResult<(u16, u32)> {
-    let mut used = None;
-    wait_until("a used-ring entry", || {
-        used = queue.pop_used(memory)?;
-        Ok(used.is_some())
-    })?;
-    Ok(used.expect("set when the wait ends"))
-}
-
 fn readable(addr: GuestAddress, len: usize) -> Buffer {
     Buffer {
         addr,
@@ -129,22 +97,11 @@ fn readable(addr: GuestAddress, len: usize) -> Buffer {
     }
 }
 
-fn writable(addr: GuestAddress, len: u32) -> Buffer {
-    Buffer {
-        addr,
-        len,
-        device_writable: true,
-    }
-}
-
 #[test]
 fn rng_fills_a_posted_buffer_from_its_source() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let source = dir.path().join("entropy.bin");
-    let content = pattern(9, 8192);
-    std::fs::write(&source, &content)?;
+    let (source, content) = entropy_source(dir.path())?;
     let rig = rig_with(serde_json::json!({ "type": "rng", "source": source }));
-    let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, ADDR);
     let (offered, mut queues) = start_device(&mmio, VIRTIO_ID_RNG, 0, &[256])?;
     assert_eq!(
@@ -152,21 +109,7 @@ fn rng_fills_a_posted_buffer_from_its_source() -> TestResult {
         0,
         "rng offers only VERSION_1, INDIRECT_DESC and EVENT_IDX: {offered:#x}"
     );
-    let queue = &mut queues[0];
-    for (n, len) in [(0u64, 1000u32), (1, 3000)] {
-        memory.write_slice(&vec![0xa5; len as usize], buffer(n))?;
-        let head = queue.add(memory, &[writable(buffer(n), len)])?;
-        mmio.notify(0)?;
-        take_interrupt(&rig, &mmio, "an rng request")?;
-        assert_eq!(wait_used(queue, memory)?, (head, len));
-        let mut filled = vec![0u8; len as usize];
-        memory.read_slice(&mut filled, buffer(n))?;
-        let start = if n == 0 { 0 } else { 1000 };
-        assert!(
-            filled[..] == content[start..start + len as usize],
-            "request {n}: not the source's bytes at {start}"
-        );
-    }
+    check_rng_requests(&rig, &mmio, IRQ, &mut queues[0], &content)?;
     Ok(rig.stop()?)
 }
 
@@ -194,7 +137,7 @@ fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     memory.write_slice(&output, buffer(0))?;
     let head = transmitq.add(memory, &[readable(buffer(0), output.len())])?;
     mmio.notify(1)?;
-    take_interrupt(&rig, &mmio, "the transmit chain")?;
+    take_interrupt(&rig, &mmio, IRQ, "the transmit chain")?;
     assert_eq!(wait_used(transmitq, memory)?, (head, 0));
     let mut arrived = vec![0u8; output.len()];
     client.read_exact(&mut arrived)?;
@@ -208,7 +151,7 @@ fn console_moves_bytes_between_its_queues_and_a_socket_client() -> TestResult {
     memory.write_slice(&[0xa5; 256], buffer(1))?;
     let head = receiveq.add(memory, &[writable(buffer(1), 256)])?;
     mmio.notify(0)?;
-    take_interrupt(&rig, &mmio, "the receive buffer")?;
+    take_interrupt(&rig, &mmio, IRQ, "the receive buffer")?;
     assert_eq!(wait_used(receiveq, memory)?, (head, input.len() as u32));
     let mut received = vec![0u8; input.len()];
     memory.read_slice(&mut received, buffer(1))?;
@@ -248,7 +191,7 @@ fn console_input_waits_for_driver_ok() -> TestResult {
     );
     assert!(rig.sim.take_interrupts().is_empty());
     mmio.driver_ok()?;
-    take_interrupt(&rig, &mmio, "input after DRIVER_OK")?;
+    take_interrupt(&rig, &mmio, IRQ, "input after DRIVER_OK")?;
     assert_eq!(wait_used(receiveq, memory)?, (head, input.len() as u32));
     let mut received = vec![0u8; input.len()];
     memory.read_slice(&mut received, buffer(1))?;
@@ -404,7 +347,7 @@ fn net_moves_frames_between_its_queues_and_a_tap() -> TestResult {
         memory.write_slice(&chain, buffer(0))?;
         let head = txq.add(memory, &[readable(buffer(0), chain.len())])?;
         mmio.notify(1)?;
-        take_interrupt(&rig, &mmio, "the transmitted frame")?;
+        take_interrupt(&rig, &mmio, IRQ, "the transmitted frame")?;
         assert_eq!(wait_used(txq, memory)?, (head, 0));
         receive_frame(&packets, |frame| frame == sent)?;
 
@@ -426,7 +369,7 @@ fn net_moves_frames_between_its_queues_and_a_tap() -> TestResult {
             )
         };
         assert_eq!(written, incoming.len() as isize, "sending on the TAP");
-        take_interrupt(&rig, &mmio, "a received frame")?;
+        take_interrupt(&rig, &mmio, IRQ, "a received frame")?;
         let deadline = Instant::now() + TIMEOUT;
         loop {
             assert!(

@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,9 +22,7 @@ use hvisor_transport::remote::{DEFAULT_QUEUE_SIZE, RECONNECT_WINDOW, REPLY_TIMEO
 use support::daemon::Daemon;
 use support::hvisor::*;
 use support::qsd::StorageDaemon;
-use virtio_guest_driver::Buffer;
 use virtio_guest_driver::blk::{Payload, T_FLUSH};
-use vm_memory::{Bytes, GuestAddress};
 
 const ZONE: u32 = 1;
 /// Where the external device sits, and a built-in one next to it.
@@ -46,24 +45,46 @@ const BINARY: &str = env!("CARGO_BIN_EXE_hvisor-vhost");
 
 /// `hvisor-vhost blk` serving `image` on `socket`, logging to `log`.
 fn blk_backend(socket: &Path, image: &Path, log: &Path) -> Daemon {
-    let mut command = Command::new(BINARY);
-    command
-        .arg("blk")
-        .arg("--socket-path")
-        .arg(socket)
-        .arg("--image")
-        .arg(image)
-        .env("RUST_LOG", "info");
-    let mut daemon = Daemon::spawn(command, log);
-    daemon.wait_for_path(socket, TIMEOUT);
-    daemon
+    Daemon::serve_on(
+        BINARY,
+        "blk",
+        socket,
+        &[OsStr::new("--image"), image.as_os_str()],
+        log,
+        TIMEOUT,
+    )
 }
 
-/// A zeroed image of [`IMAGE_SIZE`] bytes.
-fn image(dir: &Path) -> TestResult<PathBuf> {
-    let path = dir.join("external.img");
-    std::fs::File::create(&path)?.set_len(IMAGE_SIZE)?;
-    Ok(path)
+/// `hvisor-vhost blk` serving a zeroed image of [`IMAGE_SIZE`] bytes on a socket, both in a
+/// temporary directory. The fields drop in this order: the process before its directory.
+struct Backend {
+    daemon: Daemon,
+    socket: PathBuf,
+    image: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Backend {
+    /// The backend on a socket named `socket_name`, which the test's log checks look for
+    /// (tests run in parallel and share the log).
+    fn start(socket_name: &str) -> TestResult<Backend> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join(socket_name);
+        let image = dir.path().join("external.img");
+        std::fs::File::create(&image)?.set_len(IMAGE_SIZE)?;
+        let daemon = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+        Ok(Backend {
+            daemon,
+            socket,
+            image,
+            dir,
+        })
+    }
+}
+
+/// The entry fields of a vhost-user device with blk's device id.
+fn vhost_user_blk() -> serde_json::Value {
+    serde_json::json!({"type": "vhost-user", "device_id": 2})
 }
 
 /// A rig whose device at [`EXTERNAL`] is served by the backend on `socket` (entry fields
@@ -81,31 +102,10 @@ fn rig(socket: &Path, mut fields: serde_json::Value, built_in: bool) -> Rig {
     })
 }
 
-/// One write and read-back through `blk`, checked in guest memory and in `image`.
-fn write_and_verify(blk: &mut PolledBlk, image: &Path, sector: u64, seed: u32) -> TestResult {
-    let data = pattern(seed, 4096);
-    assert_eq!(blk.write(sector, &data)?, BLK_S_OK, "write status");
-    let (status, back) = blk.read(sector, 4096)?;
-    assert_eq!(status, BLK_S_OK, "read status");
-    assert!(back == data, "data read back differs (seed {seed})");
-    assert!(
-        image_bytes(image, sector, data.len()) == data,
-        "{} does not hold the data written (seed {seed})",
-        image.display()
-    );
-    Ok(())
-}
-
 #[test]
 fn an_external_blk_backend_serves_the_zone_and_survives_driver_resets() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("resets.sock"), image(dir.path())?);
-    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
-    let rig = rig(
-        &socket,
-        serde_json::json!({"type": "vhost-user", "device_id": 2}),
-        false,
-    );
+    let backend = Backend::start("resets.sock")?;
+    let rig = rig(&backend.socket, vhost_user_blk(), false);
     let mmio = rig.mmio(EXTERNAL, 0);
     assert_eq!(mmio.probe()?, 2, "the configured device id");
     let offered = mmio.device_features()?;
@@ -130,7 +130,7 @@ fn an_external_blk_backend_serves_the_zone_and_survives_driver_resets() -> TestR
         let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
         for request in 0..8u32 {
             let seed = round * 100 + request;
-            write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+            write_and_verify(&mut blk, &backend.image, u64::from(seed) * 8, seed)?;
         }
     }
     assert!(!logged(&["resets.sock"]), "no warning about this backend");
@@ -139,21 +139,19 @@ fn an_external_blk_backend_serves_the_zone_and_survives_driver_resets() -> TestR
 
 #[test]
 fn a_backend_that_dies_leaves_needs_reset_and_the_other_devices_serving() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("dying.sock"), image(dir.path())?);
-    let backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let backend = Backend::start("dying.sock")?;
     let rig = rig(
-        &socket,
+        &backend.socket,
         serde_json::json!({"type": "blk", "img": "unused"}),
         true,
     );
     let mut external = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
-    write_and_verify(&mut external, &image, 0, 1)?;
+    write_and_verify(&mut external, &backend.image, 0, 1)?;
     let mut built_in = PolledBlk::start(rig.mmio(BUILT_IN, 1), area(4), 64)?;
     write_and_verify(&mut built_in, &rig.images[0], 0, 2)?;
     rig.sim.take_interrupts();
 
-    drop(backend);
+    drop(backend.daemon);
     let killed = Instant::now();
     let mmio = rig.mmio(EXTERNAL, 0);
     let mut status = 0;
@@ -203,30 +201,27 @@ fn a_backend_that_dies_leaves_needs_reset_and_the_other_devices_serving() -> Tes
 
 #[test]
 fn a_backend_that_comes_back_gets_its_rings_where_they_were() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("restart.sock"), image(dir.path())?);
-    let log = dir.path().join("blk.log");
-    let backend = blk_backend(&socket, &image, &log);
-    let rig = rig(
-        &socket,
-        serde_json::json!({"type": "vhost-user", "device_id": 2}),
-        false,
-    );
+    let backend = Backend::start("restart.sock")?;
+    let rig = rig(&backend.socket, vhost_user_blk(), false);
     let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
     for seed in 0..5 {
-        write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+        write_and_verify(&mut blk, &backend.image, u64::from(seed) * 8, seed)?;
     }
-    drop(backend);
+    drop(backend.daemon);
     // Posted while no backend runs: served by the next one.
     let data = pattern(77, 4096);
     let head = blk.post(BLK_T_OUT, 200, Payload::Out(&data))?;
     std::thread::sleep(Duration::from_millis(200));
-    let _backend = blk_backend(&socket, &image, &dir.path().join("blk2.log"));
+    let _backend = blk_backend(
+        &backend.socket,
+        &backend.image,
+        &backend.dir.path().join("blk2.log"),
+    );
     let (status, _) = blk.complete(head)?;
     assert_eq!(status, BLK_S_OK);
-    assert!(image_bytes(&image, 200, data.len()) == data);
+    assert!(image_bytes(&backend.image, 200, data.len()) == data);
     for seed in 5..10 {
-        write_and_verify(&mut blk, &image, u64::from(seed) * 8, seed)?;
+        write_and_verify(&mut blk, &backend.image, u64::from(seed) * 8, seed)?;
     }
     let mmio = rig.mmio(EXTERNAL, 0);
     assert_eq!(
@@ -246,19 +241,13 @@ fn a_backend_that_comes_back_gets_its_rings_where_they_were() -> TestResult {
 /// waiting on it is answered, and once the backend runs again it is reconnected with its ring.
 #[test]
 fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("paused.sock"), image(dir.path())?);
-    let backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
-    let rig = rig(
-        &socket,
-        serde_json::json!({"type": "vhost-user", "device_id": 2}),
-        false,
-    );
+    let backend = Backend::start("paused.sock")?;
+    let rig = rig(&backend.socket, vhost_user_blk(), false);
     let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 64)?;
-    write_and_verify(&mut blk, &image, 0, 1)?;
-    backend.signal(libc::SIGSTOP);
+    write_and_verify(&mut blk, &backend.image, 0, 1)?;
+    backend.daemon.signal(libc::SIGSTOP);
     wait_until("the backend to stop", || {
-        Ok(all_threads_stopped(backend.pid()))
+        Ok(all_threads_stopped(backend.daemon.pid()))
     })?;
     let mmio = rig.mmio(EXTERNAL, 0);
     let asked = Instant::now();
@@ -272,12 +261,12 @@ fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
         waited >= REPLY_TIMEOUT && waited < REPLY_TIMEOUT + Duration::from_secs(2),
         "answered after {waited:?}"
     );
-    backend.signal(libc::SIGCONT);
+    backend.daemon.signal(libc::SIGCONT);
     // Config reads are answered 0 at once while the daemon reconnects.
     wait_until("the reconnection", || {
         Ok(mmio.read_sized(reg::CONFIG, 8)? == IMAGE_SIZE / SECTOR)
     })?;
-    write_and_verify(&mut blk, &image, 8, 2)?;
+    write_and_verify(&mut blk, &backend.image, 8, 2)?;
     assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
     assert!(logged(&[
         "paused.sock",
@@ -291,12 +280,10 @@ fn a_backend_that_stops_answering_is_cut_off_and_reconnected() -> TestResult {
 /// connection kept: after the driver's reset a ring it takes works.
 #[test]
 fn a_refused_ring_sets_needs_reset_and_keeps_the_connection() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("refusing.sock"), image(dir.path())?);
-    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
+    let backend = Backend::start("refusing.sock")?;
     // `hvisor-vhost blk` takes rings of up to 256 entries.
     let rig = rig(
-        &socket,
+        &backend.socket,
         serde_json::json!({"type": "vhost-user", "device_id": 2, "queue_size": 512}),
         false,
     );
@@ -318,7 +305,7 @@ fn a_refused_ring_sets_needs_reset_and_keeps_the_connection() -> TestResult {
         "DEVICE_NEEDS_RESET set"
     ]));
     let mut blk = PolledBlk::start(rig.mmio(EXTERNAL, 0), area(0), 256)?;
-    write_and_verify(&mut blk, &image, 0, 5)?;
+    write_and_verify(&mut blk, &backend.image, 0, 5)?;
     assert_eq!(mmio.read(reg::STATUS)? & STATUS_NEEDS_RESET, 0);
     assert!(!logged(&["refusing.sock", "reconnecting"]));
     Ok(rig.stop()?)
@@ -327,58 +314,24 @@ fn a_refused_ring_sets_needs_reset_and_keeps_the_connection() -> TestResult {
 #[test]
 fn an_external_rng_backend_fills_buffers_from_its_source() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let source = dir.path().join("entropy.bin");
-    let content = pattern(9, 8192);
-    std::fs::write(&source, &content)?;
+    let (source, content) = entropy_source(dir.path())?;
     let socket = dir.path().join("rng.sock");
-    let mut command = Command::new(BINARY);
-    command
-        .arg("rng")
-        .arg("--socket-path")
-        .arg(&socket)
-        .arg("--source")
-        .arg(&source)
-        .env("RUST_LOG", "info");
-    let mut backend = Daemon::spawn(command, &dir.path().join("rng.log"));
-    backend.wait_for_path(&socket, TIMEOUT);
+    let _backend = Daemon::serve_on(
+        BINARY,
+        "rng",
+        &socket,
+        &[OsStr::new("--source"), source.as_os_str()],
+        &dir.path().join("rng.log"),
+        TIMEOUT,
+    );
     // hvisor-tool has no rng type; any type takes "socket".
     let rig = rig(&socket, serde_json::json!({"type": "rng"}), false);
-    let memory = rig.memory(ZONE);
     let mmio = MmioGuest::new(&rig.sim, ZONE, EXTERNAL.addr);
     assert_eq!(mmio.probe()?, VIRTIO_ID_RNG);
     mmio.initialize(VIRTIO_F_VERSION_1)?;
     let mut queue = mmio.setup_queue(0, 64, area(0))?;
     mmio.driver_ok()?;
-    let mut start = 0;
-    for (n, len) in [(0u64, 1000usize), (1, 3000)] {
-        let at = GuestAddress(area(8).0 + n * 0x1_0000);
-        memory.write_slice(&vec![0xa5; len], at)?;
-        let head = queue.add(
-            memory,
-            &[Buffer {
-                addr: at,
-                len: len as u32,
-                device_writable: true,
-            }],
-        )?;
-        mmio.notify(0)?;
-        let interrupt = rig.sim.wait_interrupt(TIMEOUT).ok_or("no interrupt")?;
-        assert_eq!(interrupt.irq_id, EXTERNAL.irq);
-        assert_eq!(mmio.acknowledge_interrupt()? & 1, 1);
-        let mut used = None;
-        wait_until("the used entry", || {
-            used = queue.pop_used(memory)?;
-            Ok(used.is_some())
-        })?;
-        assert_eq!(used, Some((head, len as u32)));
-        let mut filled = vec![0u8; len];
-        memory.read_slice(&mut filled, at)?;
-        assert!(
-            filled[..] == content[start..start + len],
-            "request {n}: not the source's bytes at {start}"
-        );
-        start += len;
-    }
+    check_rng_requests(&rig, &mmio, EXTERNAL.irq, &mut queue, &content)?;
     Ok(rig.stop()?)
 }
 
@@ -386,14 +339,8 @@ fn an_external_rng_backend_fills_buffers_from_its_source() -> TestResult {
 /// beyond the offer are refused by the registers, before any message.
 #[test]
 fn features_are_checked_against_the_backend_offer() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("features.sock"), image(dir.path())?);
-    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
-    let rig = rig(
-        &socket,
-        serde_json::json!({"type": "vhost-user", "device_id": 2}),
-        false,
-    );
+    let backend = Backend::start("features.sock")?;
+    let rig = rig(&backend.socket, vhost_user_blk(), false);
     let mmio = rig.mmio(EXTERNAL, 0);
     mmio.write(reg::STATUS, 0)?;
     mmio.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
@@ -413,10 +360,8 @@ fn features_are_checked_against_the_backend_offer() -> TestResult {
 /// simulate`'s guest, its write/read/verify rounds) and `hvisor-vhost blk`.
 #[test]
 fn three_processes_simulator_daemon_and_backend() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let (socket, image) = (dir.path().join("blk.sock"), image(dir.path())?);
-    let _backend = blk_backend(&socket, &image, &dir.path().join("blk.log"));
-    simulated_rounds_through_a_daemon(dir.path(), &socket, &image)
+    let backend = Backend::start("blk.sock")?;
+    simulated_rounds_through_a_daemon(backend.dir.path(), &backend.socket, &backend.image)
 }
 
 /// The same three processes with qemu-storage-daemon as the backend.
@@ -535,20 +480,4 @@ fn all_threads_stopped(pid: libc::pid_t) -> bool {
                 .is_some_and(|(_, rest)| rest.starts_with('T'))
         })
     })
-}
-
-/// [`wait_until`] with its own bound.
-fn wait_until_within(
-    bound: Duration,
-    what: &str,
-    mut condition: impl FnMut() -> TestResult<bool>,
-) -> TestResult {
-    let deadline = Instant::now() + bound;
-    while !condition()? {
-        if Instant::now() >= deadline {
-            return Err(format!("timed out after {bound:?} waiting for {what}").into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
 }

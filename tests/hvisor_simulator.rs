@@ -116,26 +116,6 @@ fn queue_registers(mmio: &MmioGuest) -> TestResult<Vec<u32>> {
         .collect()
 }
 
-/// One write and read-back through `blk`, checked in guest memory and in `image`.
-fn write_and_verify(
-    blk: &mut PolledBlk,
-    image: &std::path::Path,
-    sector: u64,
-    seed: u32,
-) -> TestResult {
-    let data = pattern(seed, 4096);
-    assert_eq!(blk.write(sector, &data)?, BLK_S_OK, "write status");
-    let (status, back) = blk.read(sector, 4096)?;
-    assert_eq!(status, BLK_S_OK, "read status");
-    assert!(back == data, "data read back differs (seed {seed})");
-    assert!(
-        image_bytes(image, sector, data.len()) == data,
-        "{} does not hold the data written (seed {seed})",
-        image.display()
-    );
-    Ok(())
-}
-
 #[test]
 fn probe_initialization_and_blk_io() -> TestResult {
     let rig = Rig::start(RigOptions::new(&[BLK]));

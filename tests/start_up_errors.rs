@@ -57,27 +57,44 @@ fn config_with(dir: &Path, device: serde_json::Value) -> PathBuf {
     path
 }
 
-fn hvisor_args(config: &Path, socket: &Path) -> Vec<PathBuf> {
-    vec![
-        "hvisor".into(),
-        "--config".into(),
-        config.to_owned(),
-        "--hypervisor-socket".into(),
-        socket.to_owned(),
-    ]
+/// Runs `hvisor-vhost hvisor` on `config` with the hypervisor socket `dir/hv.sock`.
+fn run_hvisor(dir: &Path, config: &Path) -> (ExitStatus, String) {
+    let socket = dir.join("hv.sock");
+    run(
+        dir,
+        &[
+            OsStr::new("hvisor"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--hypervisor-socket"),
+            socket.as_os_str(),
+        ],
+    )
+}
+
+/// [`run_hvisor`] with a hypervisor listening on `dir/hv.sock`: the start fails with the one
+/// error `parts` describe, and the daemon never attached, as it failed `before` the hand-off.
+fn assert_fails_before_the_hand_off(dir: &Path, config: &Path, parts: &[&str], before: &str) {
+    let listener = UnixListener::bind(dir.join("hv.sock")).expect("binding the hypervisor socket");
+    listener.set_nonblocking(true).expect("non-blocking accept");
+    let (status, log) = run_hvisor(dir, config);
+    assert_one_error(status, &log, parts);
+    assert!(
+        listener.accept().is_err(),
+        "the daemon attached to the hypervisor before {before}"
+    );
 }
 
 #[test]
 fn a_configuration_that_is_not_a_regular_file_is_refused_at_once() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let socket = dir.path().join("hv.sock");
     let nobody_writes = fifo(&dir.path().join("cfg.fifo"));
     for (config, kind) in [
         (nobody_writes.as_path(), "is a FIFO"),
         (Path::new("/dev/zero"), "is a character device (/dev/zero)"),
         (dir.path(), "is a directory"),
     ] {
-        let (status, log) = run(dir.path(), &hvisor_args(config, &socket));
+        let (status, log) = run_hvisor(dir.path(), config);
         assert_one_error(
             status,
             &log,
@@ -98,10 +115,7 @@ fn a_configuration_larger_than_1_mib_is_refused() {
     let mut text = " ".repeat(1 << 20);
     text.push_str(&std::fs::read_to_string(&config).expect("reading it back"));
     std::fs::write(&config, text).expect("padding the configuration");
-    let (status, log) = run(
-        dir.path(),
-        &hvisor_args(&config, &dir.path().join("hv.sock")),
-    );
+    let (status, log) = run_hvisor(dir.path(), &config);
     assert_one_error(
         status,
         &log,
@@ -117,22 +131,15 @@ fn a_console_log_fifo_nobody_reads_is_refused_before_the_hand_off() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let log_fifo = fifo(&dir.path().join("log.fifo"));
     let config = config_with(dir.path(), json!({"type": "console", "log": log_fifo}));
-    let socket = dir.path().join("hv.sock");
-    let listener = UnixListener::bind(&socket).expect("binding the hypervisor socket");
-    listener.set_nonblocking(true).expect("non-blocking accept");
-    let (status, log) = run(dir.path(), &hvisor_args(&config, &socket));
-    assert_one_error(
-        status,
-        &log,
+    assert_fails_before_the_hand_off(
+        dir.path(),
+        &config,
         &[
             "zone1-console0@0xa003c00",
             &log_fifo.display().to_string(),
             "a FIFO that no process has open for reading",
         ],
-    );
-    assert!(
-        listener.accept().is_err(),
-        "the daemon attached to the hypervisor before opening its devices"
+        "opening its devices",
     );
 }
 
@@ -254,22 +261,15 @@ fn a_missing_external_backend_is_named_before_the_hand_off() {
         dir.path(),
         json!({"type": "vhost-user", "socket": backend, "device_id": 26}),
     );
-    let socket = dir.path().join("hv.sock");
-    let listener = UnixListener::bind(&socket).expect("binding the hypervisor socket");
-    listener.set_nonblocking(true).expect("non-blocking accept");
-    let (status, log) = run(dir.path(), &hvisor_args(&config, &socket));
-    assert_one_error(
-        status,
-        &log,
+    assert_fails_before_the_hand_off(
+        dir.path(),
+        &config,
         &[
             "zone1-vhost-user0@0xa003c00",
             &format!("vhost-user backend at {}", backend.display()),
             "cannot connect",
         ],
-    );
-    assert!(
-        listener.accept().is_err(),
-        "the daemon attached to the hypervisor before connecting to its backends"
+        "connecting to its backends",
     );
 }
 
@@ -286,10 +286,7 @@ fn a_silent_external_backend_fails_the_start_within_the_reply_timeout() {
         json!({"type": "blk", "img": "unused.img", "socket": backend}),
     );
     let started = std::time::Instant::now();
-    let (status, log) = run(
-        dir.path(),
-        &hvisor_args(&config, &dir.path().join("hv.sock")),
-    );
+    let (status, log) = run_hvisor(dir.path(), &config);
     assert_one_error(
         status,
         &log,
@@ -317,10 +314,7 @@ fn gpu_and_scmi_entries_without_a_backend_say_what_they_need() {
     ] {
         let type_name = device["type"].as_str().expect("a type").to_owned();
         let config = config_with(dir.path(), device);
-        let (status, log) = run(
-            dir.path(),
-            &hvisor_args(&config, &dir.path().join("hv.sock")),
-        );
+        let (status, log) = run_hvisor(dir.path(), &config);
         assert_one_error(
             status,
             &log,

@@ -4,6 +4,7 @@
 //! never leaves it running, and prints the log if the test is panicking, so
 //! the failure report shows what the daemon said.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -81,16 +82,36 @@ impl Daemon {
         timeout: Duration,
     ) -> (Daemon, PathBuf) {
         let socket = dir.join(format!("{device}.sock"));
+        let daemon = Daemon::serve_on(
+            binary,
+            device,
+            &socket,
+            args,
+            &dir.join("daemon.log"),
+            timeout,
+        );
+        (daemon, socket)
+    }
+
+    /// [`Daemon::serve`] on `socket`, logging to `log`.
+    pub fn serve_on(
+        binary: &str,
+        device: &str,
+        socket: &Path,
+        args: &[impl AsRef<OsStr>],
+        log: &Path,
+        timeout: Duration,
+    ) -> Daemon {
         let mut command = Command::new(binary);
         command
             .arg(device)
             .arg("--socket-path")
-            .arg(&socket)
+            .arg(socket)
             .args(args)
             .env("RUST_LOG", "info");
-        let mut daemon = Daemon::spawn(command, &dir.join("daemon.log"));
-        daemon.wait_for_path(&socket, timeout);
-        (daemon, socket)
+        let mut daemon = Daemon::spawn(command, log);
+        daemon.wait_for_path(socket, timeout);
+        daemon
     }
 
     /// Waits up to `timeout` for `path` to exist and, for a socket, to accept connections

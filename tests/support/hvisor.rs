@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use hvisor_sim::guest::MmioGuest;
 use hvisor_sim::{SimOptions, Simulator};
+use hvisor_transport::abi::DeviceRes;
 use hvisor_transport::config::VirtioConfig;
 use hvisor_transport::counters::Counters;
 use hvisor_transport::handoff::{self, DaemonReply};
@@ -27,9 +28,9 @@ use hvisor_transport::port::SocketPort;
 use hvisor_transport::server::{Server, ServerError};
 use hvisor_vhost::registry;
 use hvisor_vhost_core::stop::StopSignal;
-use virtio_guest_driver::DriverQueue;
 use virtio_guest_driver::blk::{Payload, RequestBuffers};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use virtio_guest_driver::{Buffer, DriverQueue};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -328,12 +329,91 @@ pub fn join_within<T>(handle: JoinHandle<T>, what: &str) -> T {
     }
 }
 
+/// A buffer area after the queues' (each queue has its own [`area`]).
+pub fn buffer(n: u64) -> GuestAddress {
+    GuestAddress(area(8).0 + n * 0x1_0000)
+}
+
+/// A buffer of `len` bytes at `addr` for the device to fill.
+pub fn writable(addr: GuestAddress, len: u32) -> Buffer {
+    Buffer {
+        addr,
+        len,
+        device_writable: true,
+    }
+}
+
+/// Waits for interrupt `irq` of the zone of `mmio`'s device and acknowledges it as Linux's
+/// handler does.
+pub fn take_interrupt(rig: &Rig, mmio: &MmioGuest, irq: u32, what: &str) -> TestResult {
+    let interrupt = rig
+        .sim
+        .wait_interrupt(TIMEOUT)
+        .ok_or_else(|| format!("no interrupt for {what}"))?;
+    let configured = DeviceRes {
+        target_zone: mmio.zone,
+        irq_id: irq,
+    };
+    assert_eq!(interrupt, configured, "{what}");
+    let status = mmio.acknowledge_interrupt()?;
+    assert_eq!(status & 1, 1, "{what}: InterruptStatus {status:#x}");
+    Ok(())
+}
+
+/// Waits for the next used chain of `queue`: (head, used length).
+pub fn wait_used(queue: &mut DriverQueue, memory: &GuestMemoryMmap) -> TestResult<(u16, u32)> {
+    let mut used = None;
+    wait_until("a used-ring entry", || {
+        used = queue.pop_used(memory)?;
+        Ok(used.is_some())
+    })?;
+    Ok(used.expect("set when the wait ends"))
+}
+
+/// Two requests of 1000 and 3000 bytes (in [`buffer`]s 0 and 1) to the rng device behind
+/// `mmio`, whose queue 0 is `queue` and live: each completes with interrupt `irq` and fills
+/// its buffer with the next bytes of `content`, the device's source.
+pub fn check_rng_requests(
+    rig: &Rig,
+    mmio: &MmioGuest,
+    irq: u32,
+    queue: &mut DriverQueue,
+    content: &[u8],
+) -> TestResult {
+    let memory = rig.memory(mmio.zone);
+    let mut start = 0;
+    for (n, len) in [(0u64, 1000u32), (1, 3000)] {
+        memory.write_slice(&vec![0xa5; len as usize], buffer(n))?;
+        let head = queue.add(memory, &[writable(buffer(n), len)])?;
+        mmio.notify(0)?;
+        take_interrupt(rig, mmio, irq, "an rng request")?;
+        assert_eq!(wait_used(queue, memory)?, (head, len));
+        let mut filled = vec![0u8; len as usize];
+        memory.read_slice(&mut filled, buffer(n))?;
+        assert!(
+            filled[..] == content[start..start + len as usize],
+            "request {n}: not the source's bytes at {start}"
+        );
+        start += len as usize;
+    }
+    Ok(())
+}
+
 /// Polls `condition` until it holds; an error naming `what` after [`TIMEOUT`].
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> TestResult<bool>) -> TestResult {
-    let deadline = Instant::now() + TIMEOUT;
+pub fn wait_until(what: &str, condition: impl FnMut() -> TestResult<bool>) -> TestResult {
+    wait_until_within(TIMEOUT, what, condition)
+}
+
+/// [`wait_until`] with its own bound.
+pub fn wait_until_within(
+    bound: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> TestResult<bool>,
+) -> TestResult {
+    let deadline = Instant::now() + bound;
     while !condition()? {
         if Instant::now() >= deadline {
-            return Err(format!("timed out after {TIMEOUT:?} waiting for {what}").into());
+            return Err(format!("timed out after {bound:?} waiting for {what}").into());
         }
         thread::sleep(Duration::from_micros(100));
     }
@@ -558,6 +638,29 @@ pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
                 .wrapping_add(seed.wrapping_mul(0x9e37_79b9)) as u8
         })
         .collect()
+}
+
+/// One write and read-back through `blk`, checked in guest memory and in `image`.
+pub fn write_and_verify(blk: &mut PolledBlk, image: &Path, sector: u64, seed: u32) -> TestResult {
+    let data = pattern(seed, 4096);
+    assert_eq!(blk.write(sector, &data)?, BLK_S_OK, "write status");
+    let (status, back) = blk.read(sector, 4096)?;
+    assert_eq!(status, BLK_S_OK, "read status");
+    assert!(back == data, "data read back differs (seed {seed})");
+    assert!(
+        image_bytes(image, sector, data.len()) == data,
+        "{} does not hold the data written (seed {seed})",
+        image.display()
+    );
+    Ok(())
+}
+
+/// An rng device's source in `dir` (`entropy.bin`), and the bytes it holds.
+pub fn entropy_source(dir: &Path) -> TestResult<(PathBuf, Vec<u8>)> {
+    let source = dir.join("entropy.bin");
+    let content = pattern(9, 8192);
+    std::fs::write(&source, &content)?;
+    Ok((source, content))
 }
 
 /// `len` bytes of `image` at `sector`, as the host sees them.

@@ -324,11 +324,11 @@ impl Server {
                     idle_since = Instant::now();
                 } else if idle_since.elapsed() < windows.get(gap) {
                     polling = true;
-                    // Polls by yielding, not by spinning: on a root zone with fewer CPUs than
-                    // the daemon has threads, the device worker that completes the request
-                    // may be waiting for this very CPU (measured with ring-bench --pin: 64 KiB
-                    // rounds 106 -> 86 us/request, daemon CPU 67 -> 47 us/request).
-                    std::thread::yield_now();
+                    // Spins rather than yields: with a CPU hog beside the daemon, every
+                    // sched_yield handed the hog a whole time slice (ring-bench --pin with a
+                    // hog: 64 KiB rounds 6.6 ms/request yielding, 0.19 ms spinning), though
+                    // yielding was faster on a quiet machine (86 against 106 us).
+                    std::hint::spin_loop();
                 } else if consumer.prepare_to_sleep() {
                     if std::mem::take(&mut polling) {
                         ring.poll_misses.increment();

@@ -87,6 +87,18 @@ fn vhost_user_at_1(config: &mut Value) {
     );
 }
 
+/// [`vhost_user_at_1`] with `field` of the entry set to `value`.
+fn vhost_user_with(config: &mut Value, field: &str, value: Value) {
+    vhost_user_at_1(config);
+    set(config, &format!("/zones/0/devices/1/{field}"), value);
+}
+
+/// [`vhost_user_at_1`] without `field` in the entry.
+fn vhost_user_without(config: &mut Value, field: &str) {
+    vhost_user_at_1(config);
+    remove(config, "/zones/0/devices/1", field);
+}
+
 fn rng_at(addr: u64) -> Value {
     json!({ "type": "rng", "addr": addr, "len": 0x200, "irq": 40, "status": "enable" })
 }
@@ -655,55 +667,37 @@ fn validation_cases() -> Vec<(&'static str, Edit, Vec<&'static str>, Check)> {
         ),
         (
             "vhost-user without socket",
-            |c| {
-                vhost_user_at_1(c);
-                remove(c, "/zones/0/devices/1", "socket");
-            },
+            |c| vhost_user_without(c, "socket"),
             vec!["devices[1], field \"socket\"", "missing"],
             |e| matches!(e, ConfigError::Missing { .. }),
         ),
         (
             "vhost-user socket empty",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/socket", json!(""));
-            },
+            |c| vhost_user_with(c, "socket", json!("")),
             vec!["devices[1], field \"socket\"", "must not be empty"],
             |e| matches!(e, ConfigError::Empty { .. }),
         ),
         (
             "vhost-user without device_id",
-            |c| {
-                vhost_user_at_1(c);
-                remove(c, "/zones/0/devices/1", "device_id");
-            },
+            |c| vhost_user_without(c, "device_id"),
             vec!["devices[1], field \"device_id\"", "missing"],
             |e| matches!(e, ConfigError::Missing { .. }),
         ),
         (
             "vhost-user device_id 0",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/device_id", json!(0));
-            },
+            |c| vhost_user_with(c, "device_id", json!(0)),
             vec!["devices[1], field \"device_id\"", "must not be 0"],
             |e| matches!(e, ConfigError::Zero { .. }),
         ),
         (
             "vhost-user device_id too large",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/device_id", json!(1u64 << 32));
-            },
+            |c| vhost_user_with(c, "device_id", json!(1u64 << 32)),
             vec!["devices[1], field \"device_id\"", "out of range"],
             |e| matches!(e, ConfigError::OutOfRange { .. }),
         ),
         (
             "vhost-user queue_size not a power of two",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/queue_size", json!(100));
-            },
+            |c| vhost_user_with(c, "queue_size", json!(100)),
             vec![
                 "devices[1], field \"queue_size\"",
                 "100 is not a power of two from 1 to 32768",
@@ -712,28 +706,19 @@ fn validation_cases() -> Vec<(&'static str, Edit, Vec<&'static str>, Check)> {
         ),
         (
             "vhost-user queue_size too large",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/queue_size", json!(65536));
-            },
+            |c| vhost_user_with(c, "queue_size", json!(65536)),
             vec!["devices[1], field \"queue_size\"", "out of range"],
             |e| matches!(e, ConfigError::OutOfRange { .. }),
         ),
         (
             "vhost-user num_queues 0",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/num_queues", json!(0));
-            },
+            |c| vhost_user_with(c, "num_queues", json!(0)),
             vec!["devices[1], field \"num_queues\"", "must not be 0"],
             |e| matches!(e, ConfigError::Zero { .. }),
         ),
         (
             "vhost-user num_queues above the limit",
-            |c| {
-                vhost_user_at_1(c);
-                set(c, "/zones/0/devices/1/num_queues", json!(65));
-            },
+            |c| vhost_user_with(c, "num_queues", json!(65)),
             vec![
                 "devices[1], field \"num_queues\"",
                 "65 is out of range, the maximum is 64",

@@ -267,13 +267,7 @@ impl Session {
                         if watched.as_ref().map(|(generation, _)| *generation)
                             != Some(state.generation)
                         {
-                            if let Some((_, old)) = watched.take() {
-                                epoll.ctl(
-                                    ControlOperation::Delete,
-                                    old.as_raw_fd(),
-                                    EpollEvent::default(),
-                                )?;
-                            }
+                            unwatch(&epoll, &mut watched)?;
                             let stream = link.stream.try_clone()?;
                             epoll.ctl(
                                 ControlOperation::Add,
@@ -289,13 +283,7 @@ impl Session {
                 }
             };
             if reconnect {
-                if let Some((_, old)) = watched.take() {
-                    epoll.ctl(
-                        ControlOperation::Delete,
-                        old.as_raw_fd(),
-                        EpollEvent::default(),
-                    )?;
-                }
+                unwatch(&epoll, &mut watched)?;
                 self.reconnect(&epoll, &mut events);
                 continue;
             }
@@ -309,14 +297,9 @@ impl Session {
                     let _ = self.wake.read();
                     continue;
                 }
-                let Some((generation, stream)) = watched.take() else {
+                let Some(generation) = unwatch(&epoll, &mut watched)? else {
                     continue;
                 };
-                epoll.ctl(
-                    ControlOperation::Delete,
-                    stream.as_raw_fd(),
-                    EpollEvent::default(),
-                )?;
                 let mut state = self.lock();
                 if state.generation == generation && matches!(state.connection, Connection::Up(_)) {
                     warn!(
@@ -378,4 +361,17 @@ impl Session {
             }
         }
     }
+}
+
+/// Stops watching the connection in `watched`, if any; returns its generation.
+fn unwatch(epoll: &Epoll, watched: &mut Option<(u64, UnixStream)>) -> io::Result<Option<u64>> {
+    let Some((generation, stream)) = watched.take() else {
+        return Ok(None);
+    };
+    epoll.ctl(
+        ControlOperation::Delete,
+        stream.as_raw_fd(),
+        EpollEvent::default(),
+    )?;
+    Ok(Some(generation))
 }
