@@ -104,7 +104,10 @@ impl Machine {
     /// Prints the earlycon output line by line, each line marked with the zone and the time
     /// since the start (the zones' guest clocks are not comparable, this one is).
     fn print(&self, bytes: &[u8], started: Instant) -> std::io::Result<()> {
-        let mut line = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = self
+            .console
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for &byte in bytes {
             if byte != b'\n' {
                 line.push(byte);
@@ -322,20 +325,20 @@ fn create_vm(
         &gic,
         KVM_DEV_ARM_VGIC_GRP_ADDR,
         u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST),
-        &dist as *const u64 as u64,
+        (&raw const dist) as u64,
     )?;
     set_gic_attr(
         &gic,
         KVM_DEV_ARM_VGIC_GRP_ADDR,
         u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST),
-        &redist as *const u64 as u64,
+        (&raw const redist) as u64,
     )?;
     let nr_irqs = GIC_NR_IRQS;
     set_gic_attr(
         &gic,
         KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
         0,
-        &nr_irqs as *const u32 as u64,
+        (&raw const nr_irqs) as u64,
     )?;
     // After every vCPU exists: the redistributors are laid out for the vCPUs present now.
     set_gic_attr(
@@ -411,7 +414,7 @@ fn install_signal_handlers() -> Result<(), Error> {
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = handler as *const () as libc::sighandler_t;
         // SAFETY: both handlers only touch an atomic (or nothing): async-signal-safe.
-        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        if unsafe { libc::sigaction(signal, &raw const action, std::ptr::null_mut()) } != 0 {
             return Err(format!("sigaction: {}", std::io::Error::last_os_error()).into());
         }
     }
