@@ -532,3 +532,92 @@ fn a_frontend_that_left_leaves_no_hold_on_its_memory() {
     }
     fixture.assert_still_serving();
 }
+
+/// Writes descriptor `index` of the table at `table`.
+fn write_descriptor(
+    driver: &VhostUserDriver,
+    table: GuestAddress,
+    index: u16,
+    buffer: Buffer,
+    next: Option<u16>,
+) {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    let flags =
+        if buffer.device_writable { WRITE } else { 0 } | if next.is_some() { NEXT } else { 0 };
+    let mut bytes = buffer.addr.raw_value().to_le_bytes().to_vec();
+    bytes.extend_from_slice(&buffer.len.to_le_bytes());
+    bytes.extend_from_slice(&flags.to_le_bytes());
+    bytes.extend_from_slice(&next.unwrap_or(0).to_le_bytes());
+    driver
+        .write_memory(table.unchecked_add(u64::from(index) * 16), &bytes)
+        .expect("write a descriptor");
+}
+
+/// A driver can lay its available ring over its used ring, so that every request the device
+/// completes publishes the next one: a queue worker that never runs out of work. While the
+/// frontend stays it only burns its own device's time; once it leaves without stopping the
+/// ring, the worker must still end its batch, or joining it wedges the daemon for every later
+/// frontend.
+#[test]
+fn a_ring_that_feeds_itself_does_not_outlive_its_frontend() {
+    let mut fixture = Fixture::start();
+    let mut driver =
+        VhostUserDriver::connect(&fixture.socket, &DriverConfig::default()).expect("set-up");
+    let rings = driver.ring_layout(0).expect("queue 0");
+    let header = driver.alloc(16).expect("header buffer");
+    let data = driver.alloc(512).expect("data buffer");
+    let status = driver.alloc(1).expect("status buffer");
+    driver
+        .write_memory(header, &blk::header(VIRTIO_BLK_T_OUT, 0))
+        .expect("write the header");
+    // Head 0 is a 512-byte write, head 1 the data and status of it (answered IOERR): every used
+    // element, read as avail entries, names head 0 or 1 (id and length 1, upper halves 0).
+    let buffer = |addr, len, device_writable| Buffer {
+        addr,
+        len,
+        device_writable,
+    };
+    write_descriptor(&driver, rings.desc, 0, buffer(header, 16, false), Some(1));
+    write_descriptor(&driver, rings.desc, 1, buffer(data, 512, false), Some(2));
+    write_descriptor(&driver, rings.desc, 2, buffer(status, 1, true), None);
+    // The used index the device starts from is read from memory at SET_VRING_ADDR: one ahead of
+    // the available ring's base, so the aliased avail index always has one entry pending.
+    driver
+        .write_memory(rings.used.unchecked_add(2), &1u16.to_le_bytes())
+        .expect("write the used index");
+    let aliased = virtio_guest_driver::QueueLayout {
+        avail: rings.used,
+        ..rings
+    };
+    driver
+        .move_ring(0, aliased, 0)
+        .expect("move the avail ring");
+    driver.kick(0).expect("kick");
+    let used_idx = |driver: &VhostUserDriver| {
+        let bytes = driver
+            .read_memory(rings.used.unchecked_add(2), 2)
+            .expect("used index");
+        u16::from_le_bytes([bytes[0], bytes[1]])
+    };
+    let first = used_idx(&driver);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_ne!(used_idx(&driver), first, "the ring does not feed itself");
+    drop(driver);
+    let (served, serving) = std::sync::mpsc::channel();
+    let socket = fixture.socket.clone();
+    std::thread::spawn(move || {
+        let config = DriverConfig::default();
+        let served_one = VhostUserDriver::connect(&socket, &config).and_then(|mut driver| {
+            driver.submit(0, &[&blk::header(VIRTIO_BLK_T_IN, 0)], &[512, 1])?;
+            driver.wait_used(0, TIMEOUT)
+        });
+        let _ = served.send(served_one.is_ok());
+    });
+    assert_eq!(
+        serving.recv_timeout(3 * TIMEOUT),
+        Ok(true),
+        "the next frontend was not served: the departed frontend's worker is still running"
+    );
+    fixture.assert_still_serving();
+}

@@ -527,10 +527,27 @@ impl VhostUserDriver {
         self.configure_ring(index, 0)
     }
 
+    /// Stops queue `index` (GET_VRING_BASE) and hands it to the backend again with its rings at
+    /// `layout`, reading the available ring from `base` on; the driver side keeps its own
+    /// layout, so requests go through [`Self::write_memory`] from then on.
+    pub fn move_ring(&mut self, index: usize, layout: QueueLayout, base: u16) -> Result<()> {
+        self.get_vring_base(index)?;
+        self.configure_ring_at(index, layout, base)
+    }
+
+    /// Where queue `index`'s rings are in guest RAM.
+    pub fn ring_layout(&self, index: usize) -> Result<QueueLayout> {
+        Ok(self.queue(index)?.ring.layout)
+    }
+
     /// Hands queue `index` to the backend, reading the available ring from `base` on.
     fn configure_ring(&mut self, index: usize, base: u16) -> Result<()> {
+        let layout = self.queues[index].ring.layout;
+        self.configure_ring_at(index, layout, base)
+    }
+
+    fn configure_ring_at(&mut self, index: usize, layout: QueueLayout, base: u16) -> Result<()> {
         let q = &self.queues[index];
-        let layout = q.ring.layout;
         let ring_config = VringConfigData {
             queue_max_size: layout.size,
             queue_size: layout.size,

@@ -403,6 +403,10 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
     fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
         self.rings.count_chains(counters)
     }
+
+    fn set_closing(&self, closing: bool) {
+        self.rings.set_closing(closing);
+    }
 }
 
 impl<S: Storage> VhostUserBackend for BlkBackend<S> {

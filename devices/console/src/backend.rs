@@ -101,7 +101,7 @@ struct Console {
     input_open: bool,
     segments: Vec<Segment>,
     chunk: Vec<u8>,
-    rings: Rings,
+    rings: Arc<Rings>,
 }
 
 impl Console {
@@ -504,6 +504,8 @@ fn open_output_log(path: &Path) -> Result<File, ConsoleError> {
 /// A virtio console with one port.
 pub struct ConsoleBackend {
     console: Mutex<Console>,
+    /// The console's, outside its lock: the transport reaches them while a worker holds it.
+    rings: Arc<Rings>,
     has_size: bool,
     pty_path: Option<PathBuf>,
     event_idx: AtomicBool,
@@ -526,6 +528,7 @@ impl ConsoleBackend {
         output_log: Option<&Path>,
     ) -> Result<Self, ConsoleError> {
         let output_log = output_log.map(open_output_log).transpose()?;
+        let rings = Arc::new(Rings::default());
         Ok(ConsoleBackend {
             has_size: endpoint.size().is_some(),
             pty_path: endpoint.pty_path().map(Path::to_owned),
@@ -542,8 +545,9 @@ impl ConsoleBackend {
                 input_open: true,
                 segments: Vec::new(),
                 chunk: vec![0; CHUNK],
-                rings: Rings::default(),
+                rings: rings.clone(),
             }),
+            rings,
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
         })
@@ -581,11 +585,15 @@ impl VirtioDevice for ConsoleBackend {
     }
 
     fn set_fault_handler(&self, handler: FaultHandler) {
-        self.console().rings.set_fault_handler(handler);
+        self.rings.set_fault_handler(handler);
     }
 
     fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        self.console().rings.count_chains(counters)
+        self.rings.count_chains(counters)
+    }
+
+    fn set_closing(&self, closing: bool) {
+        self.rings.set_closing(closing);
     }
 
     fn attach_event_registry(

@@ -59,6 +59,11 @@ pub trait VirtioDevice {
     /// (indexed by queue), for a transport that reports them. Once per device, before the
     /// driver can kick a queue; a second call fails.
     fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()>;
+
+    /// While `closing`, the device stops a queue where it would take its next chain, so every
+    /// queue worker ends its batch (see [`queue::Rings::set_closing`]); for a transport whose
+    /// frontend left without stopping its rings, before it waits for the workers.
+    fn set_closing(&self, closing: bool);
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -84,6 +89,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
 
     fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
         (**self).count_chains(counters)
+    }
+
+    fn set_closing(&self, closing: bool) {
+        (**self).set_closing(closing);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -76,9 +76,15 @@ pub type FaultHandler = Arc<dyn Fn(&QueueFault) + Send + Sync>;
 ///
 /// Once a transport installed [`QueueCounters`] ([`Rings::count_chains`]), every chain taken
 /// and returned and every fault is counted on its queue's counters.
+///
+/// While the transport says the rings' connection is closing ([`Rings::set_closing`]), taking
+/// a chain stops the queue instead, so that every worker loop ends its batch: a driver can lay
+/// its rings out so that each completion publishes the next request, and such a queue never
+/// runs dry on its own.
 #[derive(Default)]
 pub struct Rings {
     fault_handler: RwLock<Option<FaultHandler>>,
+    closing: AtomicBool,
     /// Indexed by queue; a queue beyond the slice is not counted.
     counters: OnceLock<Arc<[QueueCounters]>>,
 }
@@ -102,6 +108,14 @@ impl Rings {
         })
     }
 
+    /// Whether taking a chain stops its queue instead: set by the transport once the frontend
+    /// that owns the rings is gone, before it waits for the queue workers, and cleared after.
+    pub fn set_closing(&self, closing: bool) {
+        // Relaxed: the flag orders nothing else; a worker sees it within its next few chains,
+        // and the transport clears it only after joining every worker.
+        self.closing.store(closing, Ordering::Relaxed);
+    }
+
     fn counters(&self, queue: u16) -> Option<&QueueCounters> {
         self.counters.get()?.get(usize::from(queue))
     }
@@ -114,6 +128,10 @@ impl Rings {
         queue: u16,
         mem: &'m GuestMemoryMmap,
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+        if self.closing.load(Ordering::Relaxed) {
+            vring.set_queue_ready(false);
+            return None;
+        }
         // A statement of its own, so the ring's lock is released before a fault is handled.
         let popped = take_chain(vring.get_mut().get_queue_mut(), queue, mem);
         let chain = popped.unwrap_or_else(|fault| {
@@ -323,6 +341,24 @@ mod tests {
         assert!(rings.pop(&queue.vring, 0, memory.mem).is_none());
         assert!(recorder.faults().is_empty(), "a bad head is no ring fault");
         assert!(queue_is_live(&queue.vring));
+    }
+
+    #[test]
+    fn closing_rings_stop_the_queue_at_its_next_chain() {
+        let memory = TestMemory::new(MEMORY_SIZE);
+        let mut queue = TestQueue::new(&memory, 0, 16, false);
+        queue.add_chain(&[writable(0x8000, 16)]);
+        queue.add_chain(&[writable(0x9000, 16)]);
+        let recorder = FaultRecorder::default();
+        let rings = rings_reporting_to(&recorder);
+        assert!(rings.pop(&queue.vring, 0, memory.mem).is_some());
+        rings.set_closing(true);
+        assert!(rings.pop(&queue.vring, 0, memory.mem).is_none());
+        assert!(!queue_is_live(&queue.vring), "the queue is not stopped");
+        assert!(recorder.faults().is_empty(), "closing is no ring fault");
+        rings.set_closing(false);
+        queue.vring.set_queue_ready(true);
+        assert!(rings.pop(&queue.vring, 0, memory.mem).is_some());
     }
 
     /// A driver that moves the avail index more than a ring ahead: read as an empty ring, the

@@ -897,6 +897,10 @@ impl<T: TapQueue> VirtioDevice for NetBackend<T> {
         self.rings.count_chains(counters)
     }
 
+    fn set_closing(&self, closing: bool) {
+        self.rings.set_closing(closing);
+    }
+
     fn attach_event_registry(
         &self,
         thread_id: usize,

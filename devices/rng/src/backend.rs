@@ -111,7 +111,7 @@ struct Worker {
     source: EntropySource,
     throttle: Option<Throttle>,
     segments: Vec<Segment>,
-    rings: Rings,
+    rings: Arc<Rings>,
 }
 
 impl Worker {
@@ -169,6 +169,8 @@ impl Worker {
 /// A virtio entropy device over an [`EntropySource`].
 pub struct RngBackend {
     worker: Mutex<Worker>,
+    /// The worker's, outside its lock: the transport reaches them while a worker holds it.
+    rings: Arc<Rings>,
     event_idx: AtomicBool,
     memory: GuestMemorySlot,
 }
@@ -193,13 +195,15 @@ impl RngBackend {
                 None => String::new(),
             }
         );
+        let rings = Arc::new(Rings::default());
         Ok(RngBackend {
             worker: Mutex::new(Worker {
                 source,
                 throttle,
                 segments: Vec::new(),
-                rings: Rings::default(),
+                rings: rings.clone(),
             }),
+            rings,
             event_idx: AtomicBool::new(false),
             memory: GuestMemorySlot::default(),
         })
@@ -238,11 +242,15 @@ impl VirtioDevice for RngBackend {
     }
 
     fn set_fault_handler(&self, handler: FaultHandler) {
-        self.worker().rings.set_fault_handler(handler);
+        self.rings.set_fault_handler(handler);
     }
 
     fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        self.worker().rings.count_chains(counters)
+        self.rings.count_chains(counters)
+    }
+
+    fn set_closing(&self, closing: bool) {
+        self.rings.set_closing(closing);
     }
 
     fn attach_event_registry(

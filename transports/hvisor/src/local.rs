@@ -264,6 +264,11 @@ where
         if self.workers.is_empty() {
             return;
         }
+        // A worker ends its batch at its next chain then, even on rings the driver laid out so
+        // that each completion publishes another request.
+        for vring in &self.vrings {
+            vring.set_queue_ready(false);
+        }
         for (exit, handle) in self.workers.drain(..) {
             if let Err(error) = exit.write(1) {
                 error!("{}: cannot stop a queue worker: {error}", self.name);

@@ -308,9 +308,13 @@ where
     if relay.join().is_err() {
         warn!("{name}: the frontend relay panicked");
     }
-    // Sends each worker its exit event and joins it once its current batch is complete.
+    // Sends each worker its exit event and joins it once its current batch is complete. A
+    // frontend that left without stopping its rings (GET_VRING_BASE) may have laid them out so
+    // that a batch never ends: the device stops each queue where it would take the next chain.
     stop.set_waiting_for("the queue workers to finish their batches");
+    backend.set_closing(true);
     drop(connection);
+    backend.set_closing(false);
     // The device keeps the memory it was last given. Let it go, or the departed frontend's
     // guest RAM would stay allocated through our mapping until the next frontend's table.
     if let Err(error) = backend.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new())) {
