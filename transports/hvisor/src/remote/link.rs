@@ -1,7 +1,9 @@
 //! One connection to a vhost-user backend ([`Link`]), negotiated through the vhost crate's
 //! `Frontend`, and the watchdog that bounds every exchange on it.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -9,8 +11,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use vhost::vhost_user::message::{
-    VHOST_USER_CONFIG_SIZE, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
-    VhostUserVirtioFeatures,
+    VHOST_USER_CONFIG_SIZE, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -150,6 +152,26 @@ pub(super) struct Link {
     /// SET_FEATURES acked PROTOCOL_FEATURES: rings are enabled and disabled by
     /// SET_VRING_ENABLE (without it, the backend enabled them at SET_FEATURES).
     ring_enable_messages: bool,
+    /// The backend has been given the device's inflight region (or told of none) since it
+    /// connected or was reset.
+    inflight_given: bool,
+}
+
+/// The inflight region a backend handed out with GET_INFLIGHT_FD, which the daemon keeps for
+/// the device's lifetime (until the driver's reset) and gives to every backend process that
+/// serves the device with SET_INFLIGHT_FD: a restarted backend finds there the requests its
+/// predecessor had taken and not completed. The daemon only passes the file on; the backend
+/// alone reads and writes it.
+pub(super) struct InflightFd {
+    file: File,
+    /// The region's size, offset and geometry, as the backend answered.
+    layout: VhostUserInflight,
+}
+
+impl InflightFd {
+    pub(super) fn size(&self) -> u64 {
+        self.layout.mmap_size
+    }
 }
 
 /// A message that failed, by name.
@@ -224,6 +246,7 @@ impl Link {
             protocol: VhostUserProtocolFeatures::empty(),
             queues: 0,
             ring_enable_messages: false,
+            inflight_given: false,
         };
         link.negotiate(backend, watchdog)?;
         Ok(link)
@@ -261,7 +284,8 @@ impl Link {
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::RESET_DEVICE);
+                    | VhostUserProtocolFeatures::RESET_DEVICE
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
             let protocol = self.protocol;
             watchdog
                 .guard(|| {
@@ -387,6 +411,55 @@ impl Link {
             .map(drop)
     }
 
+    /// Whether the backend tracks in-flight requests and has not been given the device's region
+    /// since it connected or was reset.
+    pub(super) fn needs_inflight(&self) -> bool {
+        self.tracks_inflight() && !self.inflight_given
+    }
+
+    /// Whether the backend tracks in-flight requests (INFLIGHT_SHMFD negotiated).
+    pub(super) fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// GET_INFLIGHT_FD: a new zeroed region for `num_queues` queues of up to `queue_size`
+    /// entries; `None` when the backend gives none. QEMU takes a reply with `mmap_size` 0 as
+    /// "no tracking"; the vhost crate reads such a reply whole and then refuses it as
+    /// InvalidMessage (it carries no descriptor, and backends such as ours zero its geometry),
+    /// so that error is taken the same way. (A reply for another request lands there too; the
+    /// next message then fails and the connection is renewed.)
+    pub(super) fn get_inflight(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Option<InflightFd>, Failed> {
+        let asked = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        match self.frontend.get_inflight_fd(&asked) {
+            Ok((layout, file)) if layout.mmap_size > 0 => Ok(Some(InflightFd { file, layout })),
+            Ok(_)
+            | Err(vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidMessage)) => {
+                Ok(None)
+            }
+            Err(error) => Err(Failed {
+                message: "GET_INFLIGHT_FD",
+                error,
+            }),
+        }
+    }
+
+    /// SET_INFLIGHT_FD with `region`, or nothing without one; either way the backend has what
+    /// it gets until the next reset.
+    pub(super) fn give_inflight(&mut self, region: Option<&InflightFd>) -> Result<(), Failed> {
+        if let Some(region) = region {
+            self.frontend
+                .set_inflight_fd(&region.layout, region.file.as_raw_fd())
+                .named("SET_INFLIGHT_FD")?;
+        }
+        self.inflight_given = true;
+        Ok(())
+    }
+
     /// `len` bytes of config space at `offset`; `None` without the CONFIG protocol feature.
     /// Asked for from offset 0, as QEMU does: libvhost-user (qemu-storage-daemon, ...) ignores
     /// GET_CONFIG's offset and answers from the start of config space.
@@ -432,8 +505,9 @@ impl Link {
     }
 
     /// RESET_DEVICE where negotiated: the backend forgets its features (PROTOCOL_FEATURES
-    /// with them) and state.
+    /// with them) and state. The device's next start gives it a new inflight region.
     pub(super) fn reset(&mut self) -> Result<(), Failed> {
+        self.inflight_given = false;
         if !self
             .protocol
             .contains(VhostUserProtocolFeatures::RESET_DEVICE)

@@ -3,16 +3,18 @@
 //! directly in zone RAM.
 //!
 //! - Opening the device (before the hand-off) connects to the backend's socket and negotiates:
-//!   SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, CONFIG, REPLY_ACK and RESET_DEVICE
-//!   where offered; with REPLY_ACK every message asks for an answer, so a failure is seen where
-//!   it happens) and GET_QUEUE_NUM. Starting it shares zone RAM with SET_MEM_TABLE: each
-//!   region's file and offset, as the daemon maps it (a memfd window of the hand-off, or
-//!   `/dev/hvisor` at `mmap_offset` = the region's zone0_ipa on a board).
+//!   SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, CONFIG, REPLY_ACK, RESET_DEVICE
+//!   and INFLIGHT_SHMFD where offered; with REPLY_ACK every message asks for an answer, so a
+//!   failure is seen where it happens) and GET_QUEUE_NUM. Starting it shares zone RAM with
+//!   SET_MEM_TABLE: each region's file and offset, as the daemon maps it (a memfd window of the
+//!   hand-off, or `/dev/hvisor` at `mmap_offset` = the region's zone0_ipa on a board).
 //! - The registers map onto messages: DeviceFeatures are the backend's features minus
 //!   [`super::mmio::NOT_OFFERED`]; FEATURES_OK sends SET_FEATURES (with PROTOCOL_FEATURES when
 //!   the backend offered it); config space goes through GET_CONFIG/SET_CONFIG; QueueReady sends
-//!   SET_VRING_NUM/BASE/ADDR/CALL/KICK and DRIVER_OK SET_VRING_ENABLE; a queue stopped or
-//!   reset gets SET_VRING_ENABLE 0 and GET_VRING_BASE; a reset RESET_DEVICE where negotiated.
+//!   SET_VRING_NUM/BASE/ADDR/CALL/KICK (the first ring of a backend that tracks in-flight
+//!   requests is preceded by SET_INFLIGHT_FD, with the region GET_INFLIGHT_FD gave once per
+//!   device lifetime) and DRIVER_OK SET_VRING_ENABLE; a queue stopped or reset gets
+//!   SET_VRING_ENABLE 0 and GET_VRING_BASE; a reset RESET_DEVICE where negotiated.
 //!   QueueNotify only writes the kick eventfd the backend waits on; the backend's call eventfd
 //!   is read by the interrupt thread ([`CallReader::InterruptThread`]) and becomes INT_VRING.
 //! - Every guest access is answered whatever the backend does. A backend that refuses a
@@ -21,10 +23,14 @@
 //!   read forever, so a socket timeout cannot bound it).
 //! - A connection that fails or hangs up (watched by the device's link thread) is reconnected
 //!   on the same socket for [`RECONNECT_WINDOW`]; the new backend gets the memory table, the
-//!   negotiated features and every ready queue again, each ring resuming at the used index in
-//!   guest memory (requests the old backend had taken but not completed are served again, as
-//!   QEMU does without inflight tracking). A backend that does not come back sets
-//!   DEVICE_NEEDS_RESET; the driver's reset then starts another reconnection window.
+//!   negotiated features, the inflight region and every ready queue again, each ring with
+//!   SET_VRING_BASE = the used index in guest memory, as QEMU does. A backend with the region
+//!   resubmits the requests its predecessor had taken and not completed, and reads the
+//!   available ring on after them; one without serves again what follows the used index, which
+//!   is exact only for a backend that completed in order (one that completed out of order
+//!   before dying loses and repeats requests). A backend that does not come back sets
+//!   DEVICE_NEEDS_RESET; the driver's reset then starts another reconnection window, and drops
+//!   the region (the next start asks for a fresh one), as QEMU's reset does.
 
 use std::io;
 use std::path::PathBuf;
@@ -42,7 +48,7 @@ use super::counters::DeviceCounters;
 use super::devices::{DeviceError, StartDevice, Started};
 use super::interrupt::{CallReader, Injector, InterruptLine};
 use super::mmio::{DeviceSide, NeedsReset, QueueRegisters};
-use link::{Link, Watchdog, vring_config};
+use link::{Link, Watchdog, lock, vring_config};
 use session::{Connection, Ring, Session, State, Undelivered};
 
 mod link;
@@ -217,12 +223,14 @@ impl StartDevice for RemoteBackend {
             calls,
             needs_reset,
             watchdog,
+            queue_size,
             state: Mutex::new(State {
                 connection: Connection::Up(link),
                 generation: 0,
                 features: None,
                 queues: vec![None; num_queues],
             }),
+            inflight: Mutex::new(None),
             wake: EventFd::new(EFD_NONBLOCK).map_err(start_error)?,
             stopping: AtomicBool::new(false),
         });
@@ -376,6 +384,8 @@ impl DeviceSide for RemoteDevice {
         let session = &self.session;
         let mut state = session.lock();
         state.features = None;
+        // As QEMU frees it at a reset: the device's next start asks for a fresh region.
+        *lock(&session.inflight) = None;
         match state.connection {
             Connection::Up(_) => session.apply(&mut state, Link::reset),
             Connection::Reconnecting => {}

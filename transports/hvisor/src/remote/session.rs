@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::link::{Failed, Link, Watchdog, lock};
+use super::link::{Failed, InflightFd, Link, Watchdog, lock};
 use super::{RECONNECT_INTERVAL, RECONNECT_WINDOW, RemoteError};
 use crate::config::ExternalBackend;
 use crate::mmio::{NeedsReset, QueueRegisters};
@@ -70,7 +70,12 @@ pub(super) struct Session {
     pub(super) calls: Vec<EventFd>,
     pub(super) needs_reset: NeedsReset,
     pub(super) watchdog: Watchdog,
+    /// QueueNumMax: the largest ring the inflight region must track.
+    pub(super) queue_size: u16,
     pub(super) state: Mutex<State>,
+    /// The inflight region of the device's lifetime, once a backend that tracks in-flight
+    /// requests handed one out; dropped at the driver's reset. Locked with `state` held.
+    pub(super) inflight: Mutex<Option<InflightFd>>,
     /// Wakes the link thread: the connection changed, or the daemon stops.
     pub(super) wake: EventFd,
     pub(super) stopping: AtomicBool,
@@ -163,6 +168,7 @@ impl Session {
         ring: &Ring,
         base: u16,
     ) -> Result<(), Failed> {
+        self.give_inflight(link)?;
         link.start_ring(
             index,
             (&ring.registers, &self.memory.memory()),
@@ -173,6 +179,49 @@ impl Session {
             self.enable_ring(link, index)?;
         }
         Ok(())
+    }
+
+    /// Before the first ring a backend sets up (per connection, and again after a reset), as
+    /// QEMU's vhost-user-blk does at each start: a backend that tracks in-flight requests gets
+    /// the device's inflight region, asked for once per device lifetime (GET_INFLIGHT_FD, after
+    /// SET_FEATURES, which tells the backend the ring format) and given to it and to every
+    /// backend process after it (SET_INFLIGHT_FD). A restarted backend resubmits what the region
+    /// marks in flight and reads the available ring on after it, whatever SET_VRING_BASE says
+    /// (libvhost-user and our own backends alike).
+    fn give_inflight(&self, link: &mut Link) -> Result<(), Failed> {
+        if !link.needs_inflight() {
+            return Ok(());
+        }
+        let mut region = lock(&self.inflight);
+        if region.is_some() {
+            info!(
+                "{}: inflight region handed to the vhost-user backend at {}",
+                self.name,
+                self.socket()
+            );
+        } else {
+            let queues = u16::try_from(self.kicks.len()).unwrap_or(u16::MAX);
+            *region = link.get_inflight(queues, self.queue_size)?;
+            match region.as_ref() {
+                Some(region) => info!(
+                    "{}: the vhost-user backend at {} tracks in-flight requests in a region of \
+                     {} bytes ({queues} queue(s) of {} entries)",
+                    self.name,
+                    self.socket(),
+                    region.size(),
+                    self.queue_size
+                ),
+                None => warn!(
+                    "{}: the vhost-user backend at {} offers INFLIGHT_SHMFD but gave no inflight \
+                     region for {queues} queue(s) of {} entries: in-flight requests are not \
+                     tracked",
+                    self.name,
+                    self.socket(),
+                    self.queue_size
+                ),
+            }
+        }
+        link.give_inflight(region.as_ref())
     }
 
     /// Enables ring `index` and kicks it, so that what the driver made available is served.
@@ -188,10 +237,12 @@ impl Session {
         }
     }
 
-    /// Gives a new backend everything the old one had: the memory table, the features and the
-    /// ready rings, each resuming at its used index in guest memory. Returns the rings
-    /// restored.
-    fn restore(&self, state: &State, link: &mut Link) -> Result<usize, RemoteError> {
+    /// Gives a new backend everything the old one had: the memory table, the features, the
+    /// inflight region (see [`Self::give_inflight`]) and the ready rings, each with
+    /// SET_VRING_BASE = its used index in guest memory, as QEMU sends after a backend it lost
+    /// (a backend with the inflight region starts after what it resubmits instead). Returns
+    /// the rings restored, and whether the backend got an inflight region.
+    fn restore(&self, state: &State, link: &mut Link) -> Result<(usize, bool), RemoteError> {
         let socket = &self.backend.socket;
         if link.queues < state.queues.len() {
             return Err(RemoteError::TooFewQueues {
@@ -233,7 +284,8 @@ impl Session {
                 .map_err(|failed| failed.at(socket))?;
             restored += 1;
         }
-        Ok(restored)
+        let tracked = restored > 0 && link.tracks_inflight() && lock(&self.inflight).is_some();
+        Ok((restored, tracked))
     }
 
     /// Watches the connection for a hang-up and reconnects a backend that went away, until the
@@ -327,10 +379,16 @@ impl Session {
                 Ok(restored)
             });
             let error = match attempt {
-                Ok(restored) => {
+                Ok((restored, tracked)) => {
+                    let resumed = if tracked {
+                        "the backend resubmits what its inflight region marks in flight"
+                    } else {
+                        "no inflight tracking: requests taken but not completed are served \
+                         again from the used index"
+                    };
                     info!(
                         "{}: reconnected to the vhost-user backend at {}; {restored} ring(s) \
-                         restored",
+                         restored ({resumed})",
                         self.name,
                         self.socket()
                     );
