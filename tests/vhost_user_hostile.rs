@@ -22,7 +22,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_guest_driver::blk;
+use virtio_guest_driver::{blk, write_descriptor};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -533,27 +533,6 @@ fn a_frontend_that_left_leaves_no_hold_on_its_memory() {
     fixture.assert_still_serving();
 }
 
-/// Writes descriptor `index` of the table at `table`.
-fn write_descriptor(
-    driver: &VhostUserDriver,
-    table: GuestAddress,
-    index: u16,
-    buffer: Buffer,
-    next: Option<u16>,
-) {
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-    let flags =
-        if buffer.device_writable { WRITE } else { 0 } | if next.is_some() { NEXT } else { 0 };
-    let mut bytes = buffer.addr.raw_value().to_le_bytes().to_vec();
-    bytes.extend_from_slice(&buffer.len.to_le_bytes());
-    bytes.extend_from_slice(&flags.to_le_bytes());
-    bytes.extend_from_slice(&next.unwrap_or(0).to_le_bytes());
-    driver
-        .write_memory(table.unchecked_add(u64::from(index) * 16), &bytes)
-        .expect("write a descriptor");
-}
-
 /// A driver can lay its available ring over its used ring, so that every request the device
 /// completes publishes the next one: a queue worker that never runs out of work. While the
 /// frontend stays it only burns its own device's time; once it leaves without stopping the
@@ -573,18 +552,40 @@ fn a_ring_that_feeds_itself_does_not_outlive_its_frontend() {
         .expect("write the header");
     // Head 0 is a 512-byte write, head 1 the data and status of it (answered IOERR): every used
     // element, read as avail entries, names head 0 or 1 (id and length 1, upper halves 0).
-    let buffer = |addr, len, device_writable| Buffer {
-        addr,
-        len,
-        device_writable,
-    };
-    write_descriptor(&driver, rings.desc, 0, buffer(header, 16, false), Some(1));
-    write_descriptor(&driver, rings.desc, 1, buffer(data, 512, false), Some(2));
-    write_descriptor(&driver, rings.desc, 2, buffer(status, 1, true), None);
+    let memory = driver.memory();
+    let chain = [
+        (
+            Buffer {
+                addr: header,
+                len: 16,
+                device_writable: false,
+            },
+            Some(1),
+        ),
+        (
+            Buffer {
+                addr: data,
+                len: 512,
+                device_writable: false,
+            },
+            Some(2),
+        ),
+        (
+            Buffer {
+                addr: status,
+                len: 1,
+                device_writable: true,
+            },
+            None,
+        ),
+    ];
+    for (index, (buffer, next)) in (0..).zip(&chain) {
+        write_descriptor(memory, rings.descriptor(index), buffer, *next).expect("descriptor");
+    }
     // The used index the device starts from is read from memory at SET_VRING_ADDR: one ahead of
     // the available ring's base, so the aliased avail index always has one entry pending.
     driver
-        .write_memory(rings.used.unchecked_add(2), &1u16.to_le_bytes())
+        .write_memory(rings.used_idx(), &1u16.to_le_bytes())
         .expect("write the used index");
     let aliased = virtio_guest_driver::QueueLayout {
         avail: rings.used,
@@ -595,9 +596,7 @@ fn a_ring_that_feeds_itself_does_not_outlive_its_frontend() {
         .expect("move the avail ring");
     driver.kick(0).expect("kick");
     let used_idx = |driver: &VhostUserDriver| {
-        let bytes = driver
-            .read_memory(rings.used.unchecked_add(2), 2)
-            .expect("used index");
+        let bytes = driver.read_memory(rings.used_idx(), 2).expect("used index");
         u16::from_le_bytes([bytes[0], bytes[1]])
     };
     let first = used_idx(&driver);

@@ -7,7 +7,7 @@
 pub mod blk;
 mod queue;
 
-pub use queue::{DESC_SIZE, DriverQueue, QueueLayout};
+pub use queue::{DESC_SIZE, DriverQueue, QueueLayout, write_descriptor};
 
 /// Device status bits a driver sets (virtio 1.2 section 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;

@@ -346,8 +346,9 @@ impl DriverQueue {
     }
 }
 
-/// Writes `buffer` as the descriptor at `at`, linked to `next` if the chain goes on.
-fn write_descriptor(
+/// Writes `buffer` as the descriptor at `at`, linked to `next` if the chain goes on (also for
+/// tests that lay out a ring by hand).
+pub fn write_descriptor(
     memory: &GuestMemoryMmap,
     at: GuestAddress,
     buffer: &Buffer,
