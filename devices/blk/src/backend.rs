@@ -26,10 +26,9 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::config_space::read_config;
-use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::inflight::{InflightQueue, InflightRegion, Resubmission};
-use hvisor_vhost_core::queue::{FaultHandler, Rings, has_available_buffers, queue_is_live};
+use hvisor_vhost_core::queue::{Rings, has_available_buffers, queue_is_live};
 use hvisor_vhost_core::{VIRTIO_ID_BLOCK, VirtioDevice};
 
 use crate::config::{Backing, BlkConfig};
@@ -396,16 +395,8 @@ impl<S: Storage> VirtioDevice for BlkBackend<S> {
         Ok(())
     }
 
-    fn set_fault_handler(&self, handler: FaultHandler) {
-        self.rings.set_fault_handler(handler);
-    }
-
-    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        self.rings.count_chains(counters)
-    }
-
-    fn set_closing(&self, closing: bool) {
-        self.rings.set_closing(closing);
+    fn rings(&self) -> &Rings {
+        &self.rings
     }
 }
 

@@ -11,7 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::counters::QueueCounters;
 use crate::inflight::InflightRegion;
-use crate::queue::FaultHandler;
+use crate::queue::{FaultHandler, Rings};
 
 /// Adds and removes a device's own descriptors in one worker thread's wait set.
 ///
@@ -50,20 +50,29 @@ pub trait VirtioDevice {
         ))
     }
 
+    /// Where the device takes chains from and returns them to, for all its queues.
+    fn rings(&self) -> &Rings;
+
     /// Installs what the device calls when it stops a queue whose ring the driver broke (see
     /// [`queue::Rings`]); the transport decides what the driver is told. Installed before the
     /// driver can kick a queue; a later call replaces the handler.
-    fn set_fault_handler(&self, handler: FaultHandler);
+    fn set_fault_handler(&self, handler: FaultHandler) {
+        self.rings().set_fault_handler(handler);
+    }
 
     /// Counts the chains each queue takes and returns, and its ring faults, on `counters`
     /// (indexed by queue), for a transport that reports them. Once per device, before the
     /// driver can kick a queue; a second call fails.
-    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()>;
+    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
+        self.rings().count_chains(counters)
+    }
 
     /// While `closing`, the device stops a queue where it would take its next chain, so every
     /// queue worker ends its batch (see [`queue::Rings::set_closing`]); for a transport whose
     /// frontend left without stopping its rings, before it waits for the workers.
-    fn set_closing(&self, closing: bool);
+    fn set_closing(&self, closing: bool) {
+        self.rings().set_closing(closing);
+    }
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -83,16 +92,8 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
         (**self).set_inflight_region(region)
     }
 
-    fn set_fault_handler(&self, handler: FaultHandler) {
-        (**self).set_fault_handler(handler);
-    }
-
-    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        (**self).count_chains(counters)
-    }
-
-    fn set_closing(&self, closing: bool) {
-        (**self).set_closing(closing);
+    fn rings(&self) -> &Rings {
+        (**self).rings()
     }
 }
 

@@ -28,10 +28,9 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::chain::{Segment, read_stream, split_chain, total_len, write_stream};
 use hvisor_vhost_core::config_space::read_config;
-use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::log_limit::LogLimiter;
-use hvisor_vhost_core::queue::{FaultHandler, Rings, queue_is_live};
+use hvisor_vhost_core::queue::{Rings, queue_is_live};
 use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_NET, VirtioDevice};
 
 use crate::config::{MacAddress, NetConfig};
@@ -889,16 +888,8 @@ impl<T: TapQueue> VirtioDevice for NetBackend<T> {
         VIRTIO_ID_NET
     }
 
-    fn set_fault_handler(&self, handler: FaultHandler) {
-        self.rings.set_fault_handler(handler);
-    }
-
-    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        self.rings.count_chains(counters)
-    }
-
-    fn set_closing(&self, closing: bool) {
-        self.rings.set_closing(closing);
+    fn rings(&self) -> &Rings {
+        &self.rings
     }
 
     fn attach_event_registry(

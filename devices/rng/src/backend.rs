@@ -17,10 +17,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use hvisor_vhost_core::backend::{COMMON_FEATURES, GuestMemorySlot, common_protocol_features};
 use hvisor_vhost_core::chain::{Direction, Segment, collect_segments};
 use hvisor_vhost_core::config_space::read_config;
-use hvisor_vhost_core::counters::QueueCounters;
 use hvisor_vhost_core::exit::new_exit_event;
 use hvisor_vhost_core::log_limit::LogLimiter;
-use hvisor_vhost_core::queue::{FaultHandler, QueueState, Rings, queue_is_live, serve_queue};
+use hvisor_vhost_core::queue::{QueueState, Rings, queue_is_live, serve_queue};
 use hvisor_vhost_core::{EventRegistry, VIRTIO_ID_RNG, VirtioDevice};
 
 use crate::config::RngConfig;
@@ -241,16 +240,8 @@ impl VirtioDevice for RngBackend {
         VIRTIO_ID_RNG
     }
 
-    fn set_fault_handler(&self, handler: FaultHandler) {
-        self.rings.set_fault_handler(handler);
-    }
-
-    fn count_chains(&self, counters: Arc<[QueueCounters]>) -> io::Result<()> {
-        self.rings.count_chains(counters)
-    }
-
-    fn set_closing(&self, closing: bool) {
-        self.rings.set_closing(closing);
+    fn rings(&self) -> &Rings {
+        &self.rings
     }
 
     fn attach_event_registry(
