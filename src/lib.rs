@@ -130,6 +130,26 @@ fn name_process_like_hvisor_tool() {
     }
 }
 
+/// Sets the calling thread's nice value, which the threads it starts inherit. With a CPU hog
+/// beside the daemon on its core, nice 0 shares the core half and half and a 64 KiB request
+/// takes 2.2x its quiet time; at -10 it takes 1.1x (ring-bench --pin, README).
+fn set_nice(nice: i32) {
+    // SAFETY: setpriority takes plain integers; who = 0 names the calling thread.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if ret != 0 {
+        let error = io::Error::last_os_error();
+        // SAFETY: getpriority takes plain integers; -1 is also a valid result, so errno is
+        // not consulted: the value is only logged.
+        let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        warn!(
+            "--nice {nice}: {error} (lowering it needs CAP_SYS_NICE); the threads keep nice \
+             {current}"
+        );
+    } else {
+        info!("threads run at nice {nice}");
+    }
+}
+
 fn load_hvisor_config(path: &std::path::Path) -> Result<VirtioConfig, Error> {
     VirtioConfig::from_file(path).map_err(|error| Error::HvisorConfig(Box::new(error)))
 }
@@ -138,6 +158,8 @@ fn load_hvisor_config(path: &std::path::Path) -> Result<VirtioConfig, Error> {
 /// the counters on SIGUSR1 and at exit.
 pub fn serve_hvisor(args: &HvisorArgs) -> Result<(), Error> {
     use hvisor_transport::port::{DevHvisor, HypervisorPort, SocketPort};
+    // Before any thread is started: each inherits it.
+    set_nice(args.nice);
     let config = load_hvisor_config(&args.config)?;
     let sink = counters::CountersSink::open(args.counters_file.as_deref())?;
     // Before the hand-off: a hypervisor side that gets a reply can count on being served.

@@ -5,12 +5,12 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 
-use hvisor_vhost_core::VirtioDevice;
 use hvisor_vhost_core::queue::{QueueFault, RingFault, queue_is_live};
 use hvisor_vhost_core::testing::{
     Buffer, FaultRecorder, UsedRing, mock_queue, mock_used_ring, publish_heads, raw, readable,
     rebased, returns_within, set_avail_idx, writable,
 };
+use hvisor_vhost_core::{InlineKick, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
@@ -69,11 +69,26 @@ impl Rig {
 
     /// A rig whose reads, writes, flushes and zeroings go through io_uring.
     fn uring(event_idx: bool) -> Self {
+        Self::with_engine(true, false, event_idx)
+    }
+
+    /// A rig whose queues run io_uring on a buffered disk: page-cache reads and writes are
+    /// executed in the call, flushes and zeroings take the ring.
+    fn buffered_uring(event_idx: bool) -> Self {
+        Self::with_engine(true, true, event_idx)
+    }
+
+    fn with_engine(ring: bool, buffered: bool, event_idx: bool) -> Self {
         let storage = FaultyStorage {
-            ring: true,
+            ring,
+            buffered,
             ..FaultyStorage::new(DISK_SIZE)
         };
         Self::with_storage(BlkConfig::memory(DISK_SIZE), storage, event_idx)
+    }
+
+    fn kick_inline(&self, queue: usize) -> InlineKick {
+        self.backend.serve_kick_inline(queue, &self.vrings[queue])
     }
 
     fn with_storage(config: BlkConfig, storage: FaultyStorage, event_idx: bool) -> Self {
@@ -413,6 +428,7 @@ fn io_uring_flush_after_a_wait_on_a_direct_image() {
         inner,
         faults: Arc::default(),
         ring: true,
+        buffered: false,
     };
     let mut rig = Rig::with_storage(BlkConfig::memory(DISK_SIZE), storage, true);
     let done = std::sync::Arc::new(AtomicBool::new(false));
@@ -1313,4 +1329,97 @@ fn an_avail_index_beyond_the_ring_stops_the_queue_with_event_idx() {
 #[test]
 fn an_avail_index_beyond_the_ring_stops_the_queue_through_io_uring() {
     an_avail_index_beyond_the_ring_stops_the_queue(Rig::uring(true));
+}
+
+/// Publishes a 4 KiB write of `byte` at sector 8 * `index` and, behind it, a read of the same
+/// sectors into a buffer of its own; returns the read's data address.
+fn publish_write_and_read_back(rig: &mut Rig, index: u64, byte: u8) -> u64 {
+    publish_write(rig, index, byte);
+    let base = 0x5_0000 + index * 0x1100;
+    let header = RequestHeader {
+        request_type: Le32::from(VIRTIO_BLK_T_IN),
+        reserved: Le32::from(0),
+        sector: Le64::from(8 * index),
+    };
+    rig.mem.write_obj(header, GuestAddress(base)).unwrap();
+    rig.add_chain(
+        0,
+        &[
+            readable(base, 16),
+            writable(base + 0x10, 4096),
+            writable(base + 0x1010, 1),
+        ],
+    );
+    base + 0x10
+}
+
+#[test]
+fn kicks_are_served_inline_when_requests_stay_in_the_page_cache() {
+    for event_idx in [false, true] {
+        let mut rig = Rig::buffered_uring(event_idx);
+        let read_back = publish_write_and_read_back(&mut rig, 1, 0x5a);
+        assert_eq!(rig.kick_inline(0), InlineKick::Served);
+        assert_eq!(rig.used_idx(0), 2, "event_idx {event_idx}");
+        assert_eq!(rig.disk(8 * 512, 4096), vec![0x5a; 4096]);
+        assert_eq!(rig.bytes(read_back, 4096), vec![0x5a; 4096]);
+        assert_eq!(rig.calls[0].read().unwrap(), 1, "the driver is notified");
+    }
+}
+
+#[test]
+fn an_inline_round_serves_a_bounded_batch_and_hands_the_rest_to_the_worker() {
+    let mut rig = Rig::buffered_uring(false);
+    // One chain made available again and again: the table holds too few descriptors for a
+    // batch of distinct ones.
+    let head = publish_write(&mut rig, 0, 0x33);
+    let count = super::INLINE_CHAINS + 3;
+    publish_heads(rig.rings(0), QUEUE_SIZE, &vec![head; count - 1]);
+    assert_eq!(rig.kick_inline(0), InlineKick::HandedOver);
+    assert_eq!(usize::from(rig.used_idx(0)), super::INLINE_CHAINS);
+    rig.kick(0);
+    assert_eq!(usize::from(rig.used_idx(0)), count);
+    assert_eq!(rig.disk(0, 4096), vec![0x33; 4096]);
+}
+
+/// A flush takes the ring: the worker must submit it, wait for it and answer it.
+#[test]
+fn a_request_that_would_wait_is_left_to_the_worker() {
+    let mut rig = Rig::buffered_uring(true);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    rig.add_chain(0, &[readable(HEADER, 16), status_buffer()]);
+    assert_eq!(rig.kick_inline(0), InlineKick::HandedOver);
+    assert_eq!(rig.used_idx(0), 0);
+    assert_eq!(
+        rig.kick_inline(0),
+        InlineKick::Unserved,
+        "the worker's request in flight keeps the queue"
+    );
+    rig.kick(0);
+    assert_eq!(rig.used_idx(0), 1);
+    assert_eq!(rig.status(), ok());
+    let read_back = publish_write_and_read_back(&mut rig, 2, 0x77);
+    assert_eq!(rig.kick_inline(0), InlineKick::Served);
+    assert_eq!(rig.bytes(read_back, 4096), vec![0x77; 4096]);
+}
+
+#[test]
+fn a_worker_mid_batch_or_an_engine_that_may_sleep_turns_inline_kicks_away() {
+    let mut rig = Rig::buffered_uring(false);
+    publish_write(&mut rig, 0, 1);
+    {
+        let _batch = rig.backend.workers[0].lock().unwrap();
+        assert_eq!(rig.kick_inline(0), InlineKick::WorkerBusy);
+    }
+    assert_eq!(
+        rig.used_idx(0),
+        0,
+        "nothing taken while the worker held the queue"
+    );
+    for mut rig in [Rig::default(false), Rig::uring(false)] {
+        publish_write(&mut rig, 0, 1);
+        assert_eq!(rig.kick_inline(0), InlineKick::Unserved);
+        assert_eq!(rig.used_idx(0), 0);
+        rig.kick(0);
+        assert_eq!(rig.used_idx(0), 1);
+    }
 }

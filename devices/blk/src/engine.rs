@@ -81,6 +81,12 @@ pub trait Engine: Send {
     fn stop(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// Whether the operations a call executes stay in the page cache (reads that hit it,
+    /// buffered writes) and the rest is submitted, so that a thread that must not wait for the
+    /// disk may start operations and leave what was submitted to the queue's worker.
+    fn calls_stay_off_the_disk(&self) -> bool {
+        false
+    }
 }
 
 /// Runs every operation on the queue's thread with `preadv`/`pwritev`/`fdatasync`/`fallocate`.
@@ -178,5 +184,9 @@ impl Engine for FileEngine {
 
     fn stop(&mut self) -> io::Result<()> {
         self.inner_mut().stop()
+    }
+
+    fn calls_stay_off_the_disk(&self) -> bool {
+        self.inner().calls_stay_off_the_disk()
     }
 }

@@ -41,6 +41,9 @@ pub(crate) struct FaultyStorage {
     /// Queues run io_uring engines whose writes take the ring, as on an O_DIRECT image;
     /// otherwise sync engines.
     pub ring: bool,
+    /// With `ring`: the engines treat the disk as buffered (page-cache reads and writes are
+    /// executed in the call).
+    pub buffered: bool,
 }
 
 impl FaultyStorage {
@@ -50,6 +53,7 @@ impl FaultyStorage {
             inner: FileStorage::memory(size).unwrap(),
             faults: Arc::default(),
             ring: false,
+            buffered: false,
         }
     }
 }
@@ -77,7 +81,8 @@ impl Storage for FaultyStorage {
     fn engine(&self, options: &EngineOptions) -> FaultyEngine {
         let disk = self.inner.disk.clone();
         let inner = if self.ring {
-            let engine = UringEngine::new(disk, false, options).expect("io_uring is unavailable");
+            let engine =
+                UringEngine::new(disk, self.buffered, options).expect("io_uring is unavailable");
             FileEngine::IoUring(Box::new(engine))
         } else {
             FileEngine::Sync(SyncEngine::new(disk))
@@ -137,6 +142,10 @@ impl Engine for FaultyEngine {
 
     fn has_completions(&mut self) -> bool {
         self.inner.has_completions()
+    }
+
+    fn calls_stay_off_the_disk(&self) -> bool {
+        self.inner.calls_stay_off_the_disk()
     }
 
     fn wait(&mut self, kick: Option<RawFd>) -> io::Result<()> {

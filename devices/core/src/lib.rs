@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use vhost_user_backend::VringRwLock;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::counters::QueueCounters;
@@ -21,6 +22,20 @@ use crate::queue::{FaultHandler, Rings};
 pub trait EventRegistry: Send + Sync {
     fn register(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
     fn unregister(&self, fd: RawFd, events: EventSet, data: u64) -> io::Result<()>;
+}
+
+/// What became of a kick a transport asked the device to serve on the transport's own thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InlineKick {
+    /// Every available buffer was served, and the used ring signalled if the driver wants it.
+    Served,
+    /// Some buffers were served (and signalled); the queue's worker must take the rest.
+    HandedOver,
+    /// Nothing was served: the device does not serve this queue inline, or not now.
+    Unserved,
+    /// The queue's worker is in the middle of a batch; it must be kicked (it may find the
+    /// buffers while it still polls the ring).
+    WorkerBusy,
 }
 
 /// A virtio device, as its transports see it.
@@ -73,6 +88,17 @@ pub trait VirtioDevice {
     fn set_closing(&self, closing: bool) {
         self.rings().set_closing(closing);
     }
+
+    /// Serves a kick of `queue` on the caller's thread instead of the queue's worker, for a
+    /// transport whose kicks arrive on a thread that is awake anyway (hvisor's request loop):
+    /// the hop to a sleeping worker costs more than the work of a request that never waits.
+    /// A device may serve only requests that end without sleeping, and a bounded number of
+    /// them: the caller's thread answers other vCPUs too. Never called concurrently with
+    /// `stop_vring` or `reset_device` of the same device.
+    fn serve_kick_inline(&self, queue: usize, vring: &VringRwLock) -> InlineKick {
+        let _ = (queue, vring);
+        InlineKick::Unserved
+    }
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
@@ -94,6 +120,10 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Arc<T> {
 
     fn rings(&self) -> &Rings {
         (**self).rings()
+    }
+
+    fn serve_kick_inline(&self, queue: usize, vring: &VringRwLock) -> InlineKick {
+        (**self).serve_kick_inline(queue, vring)
     }
 }
 

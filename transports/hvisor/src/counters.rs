@@ -55,6 +55,12 @@ pub struct RegisterCounters {
     pub(crate) writes: Counter,
     pub(crate) notifies: Counter,
     pub(crate) refused: Counter,
+    /// QueueNotify served whole on the ring thread (see `LocalDevice::kick`).
+    pub(crate) inline_kicks: Counter,
+    /// QueueNotify handed to a worker that was still serving its queue.
+    pub(crate) busy_worker_kicks: Counter,
+    /// Inline rounds that took so long that inline service paused.
+    pub(crate) inline_pauses: Counter,
 }
 
 /// A device's interrupt line; written by the thread that turns signals into interrupts.
@@ -170,6 +176,12 @@ pub struct DeviceSnapshot {
     pub writes: u64,
     pub notifies: u64,
     pub refused_accesses: u64,
+    #[serde(default)]
+    pub inline_kicks: u64,
+    #[serde(default)]
+    pub busy_worker_kicks: u64,
+    #[serde(default)]
+    pub inline_pauses: u64,
     pub worker_wakeups: u64,
     pub event_errors: u64,
     pub chains_taken: u64,
@@ -245,6 +257,9 @@ fn device_snapshot(identity: &DeviceIdentity, counters: &DeviceCounters) -> Devi
         writes: registers.writes.get(),
         notifies: registers.notifies.get(),
         refused_accesses: registers.refused.get(),
+        inline_kicks: registers.inline_kicks.get(),
+        busy_worker_kicks: registers.busy_worker_kicks.get(),
+        inline_pauses: registers.inline_pauses.get(),
         worker_wakeups: workers(|w| &w.wakeups),
         event_errors: workers(|w| &w.event_errors),
         chains_taken: queues(|q| &q.taken),

@@ -215,8 +215,8 @@ pub trait DeviceSide: Send {
     fn disable_queue(&mut self, index: usize, was_ready: bool);
     /// DRIVER_OK: ready queue `index` goes live and serves what the driver made available.
     fn start_queue(&mut self, index: usize);
-    /// QueueNotify for a live queue.
-    fn kick(&self, index: usize);
+    /// QueueNotify for a live queue; on the request loop's thread.
+    fn kick(&mut self, index: usize);
     /// Device reset, after every queue was stopped: the device forgets its features and state
     /// and clears DEVICE_NEEDS_RESET.
     fn reset(&mut self);
@@ -472,7 +472,7 @@ impl<D: DeviceSide> MmioDevice<D> {
         );
     }
 
-    fn notify(&self, value: u64) {
+    fn notify(&mut self, value: u64) {
         let index = usize::try_from(value).unwrap_or(usize::MAX);
         match self.queues.get(index) {
             Some(queue) if queue.ready && self.driver_ok() => {

@@ -332,7 +332,6 @@ impl Server {
                 } else if consumer.prepare_to_sleep() {
                     if std::mem::take(&mut polling) {
                         ring.poll_misses.increment();
-                        windows.missed(gap);
                     }
                     break;
                 }
@@ -343,14 +342,13 @@ impl Server {
                 continue;
             }
             ring.sleeps.increment();
-            let asleep_since = Instant::now();
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(ready) => ready,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => return Err(ServerError::Loop(error)),
             };
             cue.awake();
-            windows.slept(gap, asleep_since.elapsed());
+            windows.woke(gap, idle_since.elapsed());
             // Each sleep is counted as ended by the hypervisor's wake-up if it came, else by a
             // posted interrupt.
             let mut woken_by_hypervisor = false;

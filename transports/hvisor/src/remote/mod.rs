@@ -376,7 +376,7 @@ impl DeviceSide for RemoteDevice {
         session.apply(&mut state, |link| session.enable_ring(link, index));
     }
 
-    fn kick(&self, index: usize) {
+    fn kick(&mut self, index: usize) {
         self.session.kick(index);
     }
 
