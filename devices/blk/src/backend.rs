@@ -66,6 +66,10 @@ struct QueueWorker<E> {
     requests: QueueRequests<E>,
     /// The queue's part of the connection's inflight region, when the frontend set one.
     inflight: Option<InflightQueue>,
+    /// The queue an inline round left requests in flight on, for its worker to finish. Nothing
+    /// else is in flight between rounds; a `stop_vring` that comes first finishes them itself,
+    /// before the transport can give the queue other rings.
+    handed_over: Option<VringRwLock>,
 }
 
 /// A virtio-blk device over any [`Storage`].
@@ -106,6 +110,7 @@ impl<S: Storage> BlkBackend<S> {
                 Mutex::new(QueueWorker {
                     requests: QueueRequests::new(storage.engine(&options), config.queue_size),
                     inflight: None,
+                    handed_over: None,
                 })
             })
             .collect();
@@ -157,7 +162,19 @@ impl<S: Storage> BlkBackend<S> {
         let mut worker = self.workers[queue_index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let worker = &mut *worker;
+        self.serve_queue(vring, &mem, &mut worker, queue_index)
+    }
+
+    /// [`Self::process_queue`] with the queue's worker state locked.
+    fn serve_queue(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        worker: &mut QueueWorker<S::Engine>,
+        queue_index: usize,
+    ) -> io::Result<()> {
+        // This round finishes whatever an inline round handed over.
+        worker.handed_over = None;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         // Since the last poll window: requests were answered, and the worker slept on the disk.
         let mut worked = false;
@@ -175,14 +192,14 @@ impl<S: Storage> BlkBackend<S> {
                     .as_ref()
                     .is_some_and(InflightQueue::needs_recovery)
                 {
-                    completed += self.resubmit_in_flight(vring, &mem, worker, queue_index);
+                    completed += self.resubmit_in_flight(vring, mem, worker, queue_index);
                 }
-                completed += self.start_available(vring, &mem, worker, queue_index);
+                completed += self.start_available(vring, mem, worker, queue_index);
             }
             if worker.requests.in_flight() > 0 {
                 worker.requests.engine().submit()?;
             }
-            while let Some((head, used_len)) = worker.requests.next_finished(&mem) {
+            while let Some((head, used_len)) = worker.requests.next_finished(mem) {
                 let inflight = worker.inflight.as_mut();
                 if self.add_used(vring, inflight, queue_index, head, used_len) {
                     completed += 1;
@@ -215,7 +232,7 @@ impl<S: Storage> BlkBackend<S> {
             }
             let poll_worthwhile = worked && !slept_on_disk;
             (worked, slept_on_disk) = (false, false);
-            if poll_worthwhile && self.poll(vring, &mem) {
+            if poll_worthwhile && self.poll(vring, mem) {
                 continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -388,6 +405,9 @@ impl<S: Storage> BlkBackend<S> {
             }
             if completed > 0 && vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
+            }
+            if worker.requests.in_flight() > 0 {
+                worker.handed_over = Some(vring.clone());
             }
             if worker.requests.in_flight() > 0 || budget == 0 {
                 return Ok(if served_any {
@@ -565,11 +585,17 @@ impl<S: Storage> VhostUserBackend for BlkBackend<S> {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The queue is already marked not ready, so once the worker's current batch is done it
-        // takes no more requests: waiting for its lock waits for the in-flight ones.
+        // takes no more requests: waiting for its lock waits for the in-flight ones, except those
+        // of an inline round whose worker has not run yet, finished here on their own rings.
         if let Some(worker) = self.workers.get(queue_index as usize) {
             let mut worker = worker
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(vring) = worker.handed_over.take() {
+                if let Some(mem) = self.memory.current() {
+                    self.serve_queue(&vring, &mem, &mut worker, queue_index as usize)?;
+                }
+            }
             worker.requests.engine().stop()?;
         }
         Ok(())

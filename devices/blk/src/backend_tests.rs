@@ -1402,6 +1402,27 @@ fn a_request_that_would_wait_is_left_to_the_worker() {
     assert_eq!(rig.bytes(read_back, 4096), vec![0x77; 4096]);
 }
 
+/// A reset that comes before the worker took a hand-over must not leave the requests in
+/// flight for the worker to put into the rings the driver sets up next: `stop_vring` answers
+/// them on the rings they came from.
+#[test]
+fn stopping_a_queue_finishes_what_an_inline_round_handed_over() {
+    let mut rig = Rig::buffered_uring(false);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    rig.add_chain(0, &[readable(HEADER, 16), status_buffer()]);
+    assert_eq!(rig.kick_inline(0), InlineKick::HandedOver);
+    assert_eq!(rig.used_idx(0), 0);
+    rig.vrings[0].set_queue_ready(false);
+    rig.backend.stop_vring(0).unwrap();
+    assert_eq!(rig.used_idx(0), 1, "answered by stop_vring");
+    assert_eq!(rig.status(), ok());
+    assert!(rig.backend.workers[0].lock().unwrap().handed_over.is_none());
+    assert_eq!(
+        rig.backend.workers[0].lock().unwrap().requests.in_flight(),
+        0
+    );
+}
+
 #[test]
 fn a_worker_mid_batch_or_an_engine_that_may_sleep_turns_inline_kicks_away() {
     let mut rig = Rig::buffered_uring(false);

@@ -323,6 +323,13 @@ where
                 error!("{}: a queue worker panicked", self.name);
             }
         }
+        // A worker may have exited before it took an inline round's hand-over: its requests
+        // end here, before the zone's memory is unmapped under them.
+        for index in 0..self.vrings.len() {
+            if let Err(error) = self.backend.stop_vring(index as u32) {
+                warn!("{}: stopping queue {index}: {error}", self.name);
+            }
+        }
         info!("{}: stopped", self.name);
     }
 }
