@@ -2,13 +2,14 @@
 # 4k/64k/256k requests submitted 16 at a time, queue depth 32; the host image is opened O_DIRECT too, so requests go
 # through io_uring and complete out of order) while the host SIGKILLs the backend 10 times, each at a random moment
 # 0.3-2 s after QEMU (chardev reconnect-ms) has reconnected to the restarted backend, and with our backend then at the
-# first instant it holds requests in flight (read from its inflight region while the backend is stopped with SIGSTOP,
-# so that they cannot be answered before the kill; the TCG guest issues requests slower than the host completes them,
-# so without this most kills would find none, and only 1-2 in 10 caught any when the region was read on the fly). fio checks every block it writes (crc32c,
-# verify_backlog: read back and compared while the job runs) and stops at the first error.
+# first instant it holds requests in flight, read from its inflight region while the backend is stopped (SIGSTOP), so
+# that they cannot be answered before the kill. The TCG guest issues requests slower than the host completes them:
+# without the wait most kills would find none, and read on the fly only 0-2 kills in 10 caught any. fio checks every
+# block it writes (crc32c, verify_backlog: read back and compared while the job runs) and stops at the first error.
 # Passes when fio exits 0 with no verify error, the guest kernel logs no I/O error and no broken ring ("id N is not a
-# head": a request answered twice), all 10 kills hit a connected backend while fio ran, and (our backend) at least half of
-# the restarts resubmitted requests the killed one had left in flight. A guest whose ring broke fails the case at once.
+# head": a request answered twice), all 10 kills hit a connected backend while fio ran, and (our backend) at least
+# half of the restarts resubmitted requests the killed one had left in flight. A guest whose ring broke fails the case
+# at once.
 gt_describe "x86 q35 vhost-user-blk-pci, 2 queues: 10 SIGKILLs of the backend during fio randrw + crc32c verify"
 KILLS=${GT_KILLS:-10}
 RUNTIME=${GT_KILL_RUNTIME:-36}   # seconds of fio; a kill and its reconnection take about 2.3 s
