@@ -69,20 +69,25 @@ impl Rig {
 
     /// A rig whose reads, writes, flushes and zeroings go through io_uring.
     fn uring(event_idx: bool) -> Self {
-        Self::with_engine(true, false, event_idx)
-    }
-
-    /// A rig whose queues run io_uring on a buffered disk: page-cache reads and writes are
-    /// executed in the call, flushes and zeroings take the ring.
-    fn buffered_uring(event_idx: bool) -> Self {
-        Self::with_engine(true, true, event_idx)
-    }
-
-    fn with_engine(ring: bool, buffered: bool, event_idx: bool) -> Self {
         let storage = FaultyStorage {
-            ring,
-            buffered,
+            ring: true,
             ..FaultyStorage::new(DISK_SIZE)
+        };
+        Self::with_storage(BlkConfig::memory(DISK_SIZE), storage, event_idx)
+    }
+
+    /// A rig whose queues run io_uring on a buffered image file: page-cache reads and writes
+    /// are executed in the call, flushes and zeroings take the ring. (An in-memory disk would
+    /// not do: shmem refuses `RWF_NOWAIT` reads.)
+    fn buffered_uring(event_idx: bool) -> Self {
+        let image = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        image.as_file().set_len(DISK_SIZE).unwrap();
+        // The storage keeps the file open; its name may go with `image`.
+        let storage = FaultyStorage {
+            inner: FileStorage::open(image.path(), false, false).unwrap(),
+            faults: Arc::default(),
+            ring: true,
+            buffered: true,
         };
         Self::with_storage(BlkConfig::memory(DISK_SIZE), storage, event_idx)
     }

@@ -228,7 +228,7 @@ pub(crate) struct FileDisk {
     file: File,
     /// Opened with O_DIRECT: unaligned guest buffers go through a bounce buffer.
     direct: bool,
-    pub(crate) kind: BackingKind,
+    kind: BackingKind,
     size: u64,
     logical_block_size: u32,
     physical_block_size: u32,

@@ -21,7 +21,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use log::{debug, warn};
 
 use crate::engine::{Completion, Engine, Outcome};
-use crate::storage::{BackingKind, EngineOptions, FileDisk, IoBuffers, is_unsupported};
+use crate::storage::{EngineOptions, FileDisk, IoBuffers, is_unsupported};
 
 /// Linux refuses longer iovec lists in one READV/WRITEV; such transfers run on the queue's
 /// thread.
@@ -83,10 +83,6 @@ pub struct UringEngine {
     buffered: bool,
     /// The kernel and file system take `RWF_NOWAIT` reads (false once one was refused).
     nowait_reads: bool,
-    /// The disk is memory (a memfd): reads never wait for a device, and are executed on the
-    /// queue's thread like buffered writes (shmem refuses `RWF_NOWAIT`, and io_uring would
-    /// hand each read to one of its worker threads).
-    in_memory: bool,
     /// Whether zeroings that may unmap (index 1) and that may not (index 0) take the ring:
     /// false once the kernel or file system refused that kind there, which the synchronous
     /// path then works around.
@@ -147,13 +143,11 @@ impl UringEngine {
             len: 0,
             iovecs: Vec::new(),
         };
-        let in_memory = disk.kind == BackingKind::Memory;
         Ok(UringEngine {
             ring,
             disk,
             buffered,
             nowait_reads: buffered,
-            in_memory,
             ring_zeroing: [true; 2],
             offload_bytes: if options.spare_cores {
                 OFFLOAD_BYTES
@@ -458,14 +452,9 @@ fn retry_interrupted(mut call: impl FnMut() -> io::Result<usize>) -> io::Result<
 }
 
 impl Engine for UringEngine {
-    fn read(&mut self, offset: u64, mut bufs: IoBuffers<'_>, tag: u64) -> Outcome {
-        if bufs.len() < self.offload_bytes {
-            if self.in_memory {
-                return Outcome::Executed(self.disk.read_at(&mut bufs, offset));
-            }
-            if self.read_cached(&bufs, offset) {
-                return Outcome::Executed(Ok(()));
-            }
+    fn read(&mut self, offset: u64, bufs: IoBuffers<'_>, tag: u64) -> Outcome {
+        if bufs.len() < self.offload_bytes && self.read_cached(&bufs, offset) {
+            return Outcome::Executed(Ok(()));
         }
         self.start_transfer(Operation::Read, offset, bufs, tag)
     }
@@ -562,7 +551,7 @@ impl Engine for UringEngine {
     /// holds is executed in the call. Flushes and zeroings are submitted (except in the
     /// fallbacks for kernels and file systems that refuse them on the ring).
     fn calls_stay_off_the_disk(&self) -> bool {
-        self.buffered && (self.nowait_reads || self.in_memory)
+        self.buffered && self.nowait_reads
     }
 }
 
