@@ -1386,14 +1386,21 @@ fn an_inline_round_serves_a_bounded_batch_and_hands_the_rest_to_the_worker() {
     assert_eq!(rig.disk(0, 4096), vec![0x33; 4096]);
 }
 
-/// A flush takes the ring: the worker must submit it, wait for it and answer it.
-#[test]
-fn a_request_that_would_wait_is_left_to_the_worker() {
-    let mut rig = Rig::buffered_uring(true);
+/// A rig whose inline round took a flush, which takes the ring, and so handed it over to the
+/// queue's worker still in flight.
+fn flush_handed_over(event_idx: bool) -> Rig {
+    let mut rig = Rig::buffered_uring(event_idx);
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
     rig.add_chain(0, &[readable(HEADER, 16), status_buffer()]);
     assert_eq!(rig.kick_inline(0), InlineKick::HandedOver);
     assert_eq!(rig.used_idx(0), 0);
+    rig
+}
+
+/// A flush takes the ring: the worker must submit it, wait for it and answer it.
+#[test]
+fn a_request_that_would_wait_is_left_to_the_worker() {
+    let mut rig = flush_handed_over(true);
     assert_eq!(
         rig.kick_inline(0),
         InlineKick::Unserved,
@@ -1412,11 +1419,7 @@ fn a_request_that_would_wait_is_left_to_the_worker() {
 /// them on the rings they came from.
 #[test]
 fn stopping_a_queue_finishes_what_an_inline_round_handed_over() {
-    let mut rig = Rig::buffered_uring(false);
-    rig.header(VIRTIO_BLK_T_FLUSH, 0);
-    rig.add_chain(0, &[readable(HEADER, 16), status_buffer()]);
-    assert_eq!(rig.kick_inline(0), InlineKick::HandedOver);
-    assert_eq!(rig.used_idx(0), 0);
+    let rig = flush_handed_over(false);
     rig.vrings[0].set_queue_ready(false);
     rig.backend.stop_vring(0).unwrap();
     assert_eq!(rig.used_idx(0), 1, "answered by stop_vring");
