@@ -130,10 +130,15 @@ fn name_process_like_hvisor_tool() {
     }
 }
 
-/// Sets the calling thread's nice value, which the threads it starts inherit. With a CPU hog
-/// beside the daemon on its core, nice 0 shares the core half and half and a 64 KiB request
-/// takes 2.2x its quiet time; at -10 it takes 1.1x (ring-bench --pin, README).
-fn set_nice(nice: i32) {
+/// The daemon's nice value unless `--nice` says otherwise.
+const DEFAULT_NICE: i32 = -10;
+
+/// Sets the calling thread's nice value (`requested`, else [`DEFAULT_NICE`]), which the threads
+/// it starts inherit. With a CPU hog beside the daemon on its core, nice 0 shares the core half
+/// and half and a 64 KiB request takes 2.2x its quiet time; at -10 it takes 1.1x (ring-bench
+/// --pin, README). Without the privilege, only a value the user asked for is worth a warning.
+fn set_nice(requested: Option<i32>) {
+    let nice = requested.unwrap_or(DEFAULT_NICE);
     // SAFETY: setpriority takes plain integers; who = 0 names the calling thread.
     let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if ret != 0 {
@@ -141,7 +146,13 @@ fn set_nice(nice: i32) {
         // SAFETY: getpriority takes plain integers; -1 is also a valid result, so errno is
         // not consulted: the value is only logged.
         let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-        warn!(
+        let level = if requested.is_some() {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
             "--nice {nice}: {error} (lowering it needs CAP_SYS_NICE); the threads keep nice \
              {current}"
         );
