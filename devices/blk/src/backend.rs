@@ -384,7 +384,6 @@ impl<S: Storage> BlkBackend<S> {
     ) -> io::Result<InlineKick> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut budget = INLINE_CHAINS;
-        let mut served_any = false;
         loop {
             if !queue_is_live(vring) {
                 return Ok(InlineKick::Unserved);
@@ -398,7 +397,6 @@ impl<S: Storage> BlkBackend<S> {
                     break;
                 };
                 budget -= 1;
-                served_any = true;
                 if self.start_chain(vring, mem, worker, queue_index, chain) {
                     completed += 1;
                 }
@@ -406,15 +404,13 @@ impl<S: Storage> BlkBackend<S> {
             if completed > 0 && vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
             }
-            if worker.requests.in_flight() > 0 {
+            // Either way a chain was taken: the caller lets none be in flight at the start.
+            let submitted = worker.requests.in_flight() > 0;
+            if submitted {
                 worker.handed_over = Some(vring.clone());
             }
-            if worker.requests.in_flight() > 0 || budget == 0 {
-                return Ok(if served_any {
-                    InlineKick::HandedOver
-                } else {
-                    InlineKick::Unserved
-                });
+            if submitted || budget == 0 {
+                return Ok(InlineKick::HandedOver);
             }
             // The worker re-enables notifications after its own rounds; so does this one, and
             // looks again for a request that raced with it.
